@@ -1,0 +1,132 @@
+"""Time one training step (forward, loss, backward, gradient clipping, AdamW) on the GPU.
+
+    python bench.py --arch t5                 # GRID's T5: batch 256 x 150 encoder tokens, 4 decoder tokens
+    python bench.py --arch qwen --batch 16    # Qwen2.5-0.5B's shape, 513 tokens
+    python bench.py --arch both --modes eager,compile,graph --out results.json
+
+Each mode is timed with CUDA events, the median of --steps steps after --warmup steps, on the same
+random batch (token values do not change the work). Modes: `eager`; `compile` (torch.compile of the
+loss); `graph` (compiled, then the whole step captured as one CUDA graph and replayed: no launch
+overhead at all, see train.Step). TFLOP/s counts 6 * params * tokens for the matrices plus the full
+(not halved causal) attention matrices, as the reference numbers in METHOD.md do.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from model import ModelConfig, build_model
+from train import Step, precision
+
+SHAPES = {  # the two shapes of the issue: GRID's T5 and Qwen2.5-0.5B (vocab cut to 2,048)
+    "t5": dict(batch=256, seq=150, cfg=ModelConfig(arch="t5", vocab_size=1030, d_model=128, n_layers=4,
+                                                   n_decoder_layers=4, n_heads=6, head_dim=64, d_ff=1024, dropout=0.15)),
+    "qwen": dict(batch=16, seq=513, cfg=ModelConfig(arch="qwen", vocab_size=2048, d_model=896, n_layers=24, n_heads=14,
+                                                    n_kv_heads=2, head_dim=64, d_ff=4864, dropout=0.0, rope_theta=1e6)),
+}
+CODES = 4  # tokens per semantic ID: 3 levels + disambiguation
+
+
+def random_batch(arch, B, S, V, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    tok = lambda *shape: torch.randint(3, V, shape, generator=g).to(device)
+    if arch == "t5":
+        return {"enc": tok(B, S), "enc_mask": torch.ones(B, S, dtype=torch.bool, device=device),
+                "dec": tok(B, CODES), "labels": tok(B, CODES)}
+    # Qwen: history, separator, target; the last CODES + 1 states predict the target codes.
+    pred = torch.arange(S - CODES - 1, S - 1, device=device).expand(B, CODES)
+    return {"ids": tok(B, S), "pred_pos": pred.contiguous(), "labels": tok(B, CODES)}
+
+
+def qwen_flops(cfg, B, S):
+    """Matrix FLOPs of a decoder-only step: 6 per parameter per token (forward 2, backward 4) plus the
+    attention matrices (QK^T and AV), counted in full as the reference numbers do."""
+    model = build_model(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    n -= 0 if cfg.tie_embeddings else model.embed.weight.numel()  # a lookup, not a matrix product
+    return 6 * n * B * S + 3 * 4 * B * S * S * cfg.n_heads * cfg.head_dim * cfg.n_layers
+
+
+def time_mode(arch, mode, B, S, steps, warmup, device):
+    cfg = SHAPES[arch]["cfg"]
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    step = Step(model, lr=1e-3, weight_decay=0.0, clip=1.0, device=device, compile=mode != "eager",
+                graph=mode == "graph")
+    batch = random_batch(arch, B, S, cfg.vocab_size, device)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step(batch)
+    torch.cuda.synchronize()
+    setup = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step(batch)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = statistics.median(times)
+    row = dict(arch=arch, mode=mode, batch=B, seq=S, ms=ms, ms_min=min(times), ms_max=max(times),
+               samples_s=B / ms * 1e3, tokens_s=B * S / ms * 1e3, tflops=qwen_flops(cfg, B, S) / ms / 1e9 if arch == "qwen" else None,
+               peak_mib=torch.cuda.max_memory_allocated() / 2**20, setup_s=setup, loss=float(loss))
+    del step, model
+    torch.cuda.empty_cache()
+    return row
+
+
+def profile(arch, mode, B, S, device, top=25):
+    """Where the time goes: the kernels of a few steps, by total CUDA time."""
+    cfg = SHAPES[arch]["cfg"]
+    model = build_model(cfg).to(device).train()
+    step = Step(model, lr=1e-3, weight_decay=0.0, clip=1.0, device=device, compile=mode != "eager", graph=False)
+    batch = random_batch(arch, B, S, cfg.vocab_size, device)
+    for _ in range(5):
+        step(batch)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step(batch)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="both", choices=["t5", "qwen", "both"], help="which shape to time")
+    p.add_argument("--batch", type=int, default=0, help="batch size; 0 = the shape's default (t5 256, qwen 16)")
+    p.add_argument("--seq", type=int, default=0, help="sequence length; 0 = the shape's default (t5 150, qwen 513)")
+    p.add_argument("--modes", default="eager,compile,graph", help="comma-separated: eager, compile, graph")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, graph capture)")
+    p.add_argument("--profile", default="", help="print a kernel profile of this mode (eager or compile) afterwards")
+    p.add_argument("--out", default="", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.py times GPU steps: no CUDA device is visible")
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {precision(device)[2]}")
+    rows = []
+    for arch in (["t5", "qwen"] if args.arch == "both" else [args.arch]):
+        B, S = args.batch or SHAPES[arch]["batch"], args.seq or SHAPES[arch]["seq"]
+        for mode in args.modes.split(","):
+            rows.append(time_mode(arch, mode, B, S, args.steps, args.warmup, device))
+            r = rows[-1]
+            print(f"{arch:5s} {mode:8s} B={B:4d} S={S:4d} {r['ms']:8.2f} ms (min {r['ms_min']:.2f}) "
+                  f"{r['samples_s']:9.0f} samples/s {r['tokens_s'] / 1e6:7.2f} Mtok/s {r['tflops'] or 0:6.1f} TFLOP/s "
+                  f"peak {r['peak_mib']:8.0f} MiB  setup {r['setup_s']:.0f} s", flush=True)
+        if args.profile:
+            profile(arch, args.profile, B, S, device)
+    if args.out:
+        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, argv=sys.argv)
+        json.dump(dict(meta=meta, rows=rows), open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""The two transformers of the paper, written from scratch in plain PyTorch.
+
+- `T5`: the encoder-decoder of TIGER/GRID (the paper's encoder-decoder track): bucketed relative
+  position bias, unscaled attention logits, pre-norm RMSNorm blocks, cross-attention.
+- `Qwen`: the decoder-only model of the paper's Qwen track: RoPE, grouped-query attention,
+  SwiGLU, RMSNorm, biases on q/k/v.
+
+Both run their blocks in a plain Python loop with explicit positions and key-padding masks, so
+that SAP (sap.py) can drop tokens between two blocks, and both expose their final hidden states
+(`T5.decode`, `Qwen.hidden`) for auxiliary heads (map.py). `from_hf` copies the weights of a
+Hugging Face model of any config; tests/test_model.py proves the two equal to Hugging Face's.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+@dataclass
+class ModelConfig:
+    arch: str = field(default="t5", metadata={"help": "t5 (encoder-decoder) or qwen (decoder-only)"})
+    vocab_size: int = field(default=1030, metadata={"help": "token vocabulary (set from the SID table)"})
+    d_model: int = field(default=128, metadata={"help": "hidden size"})
+    n_layers: int = field(default=4, metadata={"help": "encoder blocks (t5) or blocks (qwen)"})
+    n_decoder_layers: int = field(default=4, metadata={"help": "decoder blocks (t5 only)"})
+    n_heads: int = field(default=6, metadata={"help": "query heads"})
+    n_kv_heads: int = field(default=0, metadata={"help": "key/value heads for GQA (qwen); 0 = n_heads"})
+    head_dim: int = field(default=64, metadata={"help": "size of one attention head"})
+    d_ff: int = field(default=1024, metadata={"help": "feed-forward hidden size"})
+    ffn: str = field(default="", metadata={"help": "relu | gated-gelu | swiglu; empty = t5: relu, qwen: swiglu"})
+    dropout: float = field(default=0.15, metadata={"help": "dropout on embeddings, attention and residual branches"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
+    rel_buckets: int = field(default=32, metadata={"help": "t5 relative-position buckets"})
+    rel_max_distance: int = field(default=128, metadata={"help": "t5 distance beyond which positions share a bucket"})
+    rope_theta: float = field(default=1e6, metadata={"help": "qwen RoPE base"})
+    qkv_bias: bool = field(default=True, metadata={"help": "qwen: biases on the q/k/v projections, as in Qwen2"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "share the token embedding with the output projection"})
+
+    def __post_init__(self):
+        self.ffn = self.ffn or ("relu" if self.arch == "t5" else "swiglu")
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared parts
+
+
+class RMSNorm(nn.Module):
+    """Scale by the root mean square, no mean, no bias (T5's "layer norm" and Qwen2's RMSNorm).
+    Statistics in float32 as both references do: bf16 sums of squares lose precision."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).type_as(x)
+
+
+class FeedForward(nn.Module):
+    """relu: down(relu(up x)) as in T5; gated-gelu (T5 v1.1) and swiglu (Qwen): down(act(gate x) * up x).
+    Gate and up are one matrix product (one launch), split afterwards."""
+
+    def __init__(self, d_model, d_ff, kind, dropout, bias=False):
+        super().__init__()
+        if kind not in ("relu", "gated-gelu", "swiglu"):
+            raise ValueError(f"unknown feed-forward '{kind}': use relu, gated-gelu or swiglu")
+        self.kind = kind
+        self.up = nn.Linear(d_model, d_ff * (1 if kind == "relu" else 2), bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.kind == "relu":
+            h = F.relu(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu if self.kind == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
+            h = act(gate) * up
+        return self.down(self.drop(h))
+
+
+def rotate(x, cos, sin):
+    """RoPE in the rotate-half layout of Hugging Face and Qwen: pairs (i, i + d/2) turn by pos * freq_i."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention (the fused kernels).
+
+    Self-attention projects q, k, v with one matrix product; cross-attention (t5 decoder) projects
+    q from the decoder and k, v from the encoder output. `mask` is a boolean (True = may attend)
+    or additive float mask broadcastable to (B, H, T, S); `causal` without a mask takes the
+    flash kernel. Fewer kv heads than query heads is grouped-query attention (Qwen2)."""
+
+    def __init__(self, d_model, n_heads, n_kv_heads, head_dim, scale, dropout, bias=False, cross=False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale, self.dropout, self.cross = scale, dropout, cross
+        kv_dim = 2 * n_kv_heads * head_dim
+        if cross:
+            self.q = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+            self.kv = nn.Linear(d_model, kv_dim, bias=bias)
+        else:
+            self.qkv = nn.Linear(d_model, n_heads * head_dim + kv_dim, bias=bias)
+        self.o = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+    def forward(self, x, mask=None, causal=False, rope=None, memory=None, cache=None):
+        if self.cross:
+            q, kv = self.q(x), self.kv(memory)
+        else:
+            q, kv = self.qkv(x).split([self.n_heads * self.head_dim, 2 * self.n_kv_heads * self.head_dim], -1)
+        q = rearrange(q, "b t (h d) -> b h t d", d=self.head_dim)
+        k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, d=self.head_dim)
+        if rope is not None:
+            cos, sin = (r.to(q.dtype) for r in rope)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)  # SDPA wants an additive mask in the dtype of q (bf16 under autocast)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)) [+ cross(norm(x))] + ffn(norm(x)), dropout on each branch."""
+
+    def __init__(self, cfg, scale, cross=False):
+        super().__init__()
+        qwen = cfg.arch == "qwen"
+        attn = lambda is_cross: Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, scale,
+                                          0.0 if qwen else cfg.dropout, bias=qwen and cfg.qkv_bias, cross=is_cross)
+        self.norm1, self.attn = RMSNorm(cfg.d_model, cfg.norm_eps), attn(False)
+        if cross:
+            self.norm_x, self.cross = RMSNorm(cfg.d_model, cfg.norm_eps), attn(True)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask=None, causal=False, rope=None, memory=None, memory_mask=None, cache=None):
+        x = x + self.drop(self.attn(self.norm1(x), mask, causal, rope, cache=cache))
+        if memory is not None:
+            x = x + self.drop(self.cross(self.norm_x(x), memory_mask, memory=memory))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+NEG = -1e9  # additive mask value: finite, so a fully masked row gives uniform weights, never NaN
+
+
+# ---------------------------------------------------------------------------------------------
+# T5
+
+
+def relative_bucket(rel, bidirectional, n_buckets, max_distance):
+    """T5's bucketing of key_pos - query_pos: exact buckets for small distances, logarithmic ones
+    up to max_distance, one bucket beyond. Bidirectional stacks split the buckets by sign; causal
+    stacks only see keys at or before the query (rel <= 0)."""
+    bucket = torch.zeros_like(rel)
+    if bidirectional:
+        n_buckets //= 2
+        bucket = (rel > 0).long() * n_buckets
+        dist = rel.abs()
+    else:
+        dist = (-rel).clamp(min=0)
+    exact = n_buckets // 2
+    log_bucket = exact + (torch.log(dist.clamp(min=1).float() / exact)
+                          / math.log(max_distance / exact) * (n_buckets - exact)).long()
+    return bucket + torch.where(dist < exact, dist, log_bucket.clamp(max=n_buckets - 1))
+
+
+class RelativeBias(nn.Module):
+    """One learned scalar per (bucket, head), added to the attention logits of every layer of a
+    stack (T5 computes it once per stack). Built from explicit positions, so that tokens kept by
+    SAP keep their original distances."""
+
+    def __init__(self, cfg, bidirectional):
+        super().__init__()
+        self.bidirectional, self.n_buckets, self.max_distance = bidirectional, cfg.rel_buckets, cfg.rel_max_distance
+        self.emb = nn.Embedding(cfg.rel_buckets, cfg.n_heads)
+
+    def forward(self, q_pos, k_pos):  # (b, T), (b, S) -> (b, H, T, S)
+        rel = k_pos[:, None, :] - q_pos[:, :, None]
+        return self.emb(relative_bucket(rel, self.bidirectional, self.n_buckets, self.max_distance)).permute(0, 3, 1, 2)
+
+
+class T5(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.enc_bias, self.dec_bias = RelativeBias(cfg, True), RelativeBias(cfg, False)
+        # T5 does not scale q.k by 1/sqrt(d): its initialisation folds that into the q projection.
+        self.encoder = nn.ModuleList(Block(cfg, 1.0) for _ in range(cfg.n_layers))
+        self.decoder = nn.ModuleList(Block(cfg, 1.0, cross=True) for _ in range(cfg.n_decoder_layers))
+        self.enc_norm, self.dec_norm = RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """T5's initialisation (Mesh TensorFlow): unit-variance embeddings, each projection scaled by
+        its fan-in; the q projection also carries the 1/sqrt(head_dim) the logits lack."""
+        d, hd, H = self.cfg.d_model, self.cfg.head_dim, self.cfg.n_heads
+        nn.init.normal_(self.embed.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=d ** -0.5)
+        for bias in (self.enc_bias, self.dec_bias):
+            nn.init.normal_(bias.emb.weight, std=d ** -0.5)
+        for block in [*self.encoder, *self.decoder]:
+            for attn in [block.attn] + ([block.cross] if hasattr(block, "cross") else []):
+                q = attn.q.weight if attn.cross else attn.qkv.weight[:H * hd]
+                kv = attn.kv.weight if attn.cross else attn.qkv.weight[H * hd:]
+                nn.init.normal_(q, std=(d * hd) ** -0.5)
+                nn.init.normal_(kv, std=d ** -0.5)
+                nn.init.normal_(attn.o.weight, std=(H * hd) ** -0.5)
+            nn.init.normal_(block.ffn.up.weight, std=d ** -0.5)
+            nn.init.normal_(block.ffn.down.weight, std=self.cfg.d_ff ** -0.5)
+
+    def encode(self, input_ids, attention_mask=None):
+        """(B, S) tokens -> encoder output (B, S', D), its key mask (B, S') and positions (B|1, S').
+        S' = S unless SAP drops tokens inside the stack."""
+        B, S = input_ids.shape
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pos = torch.arange(S, device=input_ids.device)[None]  # (1, S): shared by the batch
+        x = self.drop(self.embed(input_ids))
+        bias = self.enc_bias(pos, pos) + key_mask(mask)  # (B, H, S, S), shared by all encoder blocks
+        for block in self.encoder:
+            x = block(x, bias)
+        return self.drop(self.enc_norm(x)), mask
+
+    def decode(self, decoder_input_ids, memory, memory_mask):
+        """Final decoder hidden states (B, T, D), before the output projection."""
+        T = decoder_input_ids.size(1)
+        pos = torch.arange(T, device=decoder_input_ids.device)[None]
+        causal = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
+        bias = self.dec_bias(pos, pos).masked_fill(~causal, NEG)
+        x = self.drop(self.embed(decoder_input_ids))
+        cross_mask = key_mask(memory_mask)
+        for block in self.decoder:
+            x = block(x, bias, memory=memory, memory_mask=cross_mask)
+        return self.drop(self.dec_norm(x))
+
+    def head(self, h):
+        # Tied T5 rescales by 1/sqrt(d_model) before the shared projection (the embeddings have unit variance).
+        return self.lm_head(h * self.cfg.d_model ** -0.5 if self.cfg.tie_embeddings else h)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        """(B, S) encoder tokens, (B, S) mask, (B, T) decoder tokens -> logits (B, T, V)."""
+        memory, memory_mask = self.encode(input_ids, attention_mask)
+        return self.head(self.decode(decoder_input_ids, memory, memory_mask))
+
+    def loss(self, batch):
+        """Next-SID loss: the decoder reads (start, c1 .. c_{L-1}) and predicts (c1 .. cL)."""
+        logits = self(batch["enc"], batch["enc_mask"], batch["dec"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+
+    @classmethod
+    def from_hf(cls, hf):
+        """Build from a Hugging Face T5ForConditionalGeneration, copying its weights."""
+        c = hf.config
+        if c.feed_forward_proj not in ("relu", "gated-gelu"):
+            raise ValueError(f"T5 feed-forward '{c.feed_forward_proj}' is not supported: use relu or gated-gelu")
+        # Hugging Face scales the decoder output iff the checkpoint ties its embeddings (T5 v1.0).
+        tied = getattr(c, "scale_decoder_outputs", c.tie_word_embeddings)
+        cfg = ModelConfig(arch="t5", vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.num_layers,
+                          n_decoder_layers=c.num_decoder_layers, n_heads=c.num_heads, head_dim=c.d_kv,
+                          d_ff=c.d_ff, ffn=c.feed_forward_proj, dropout=c.dropout_rate,
+                          norm_eps=c.layer_norm_epsilon, rel_buckets=c.relative_attention_num_buckets,
+                          rel_max_distance=c.relative_attention_max_distance, tie_embeddings=tied)
+        model = cls(cfg)
+        sd = hf.state_dict()
+        w = {"embed.weight": sd["shared.weight"], "enc_norm.weight": sd["encoder.final_layer_norm.weight"],
+             "dec_norm.weight": sd["decoder.final_layer_norm.weight"],
+             "enc_bias.emb.weight": sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
+             "dec_bias.emb.weight": sd["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
+             "lm_head.weight": sd["lm_head.weight"]}  # when tied, the same tensor as the embedding
+        for stack, blocks in (("encoder", model.encoder), ("decoder", model.decoder)):
+            for i in range(len(blocks)):
+                p, q = f"{stack}.block.{i}.layer.", f"{stack}.{i}."
+                a = p + "0.SelfAttention."
+                w[q + "norm1.weight"] = sd[p + "0.layer_norm.weight"]
+                w[q + "attn.qkv.weight"] = torch.cat([sd[a + n + ".weight"] for n in "qkv"])
+                w[q + "attn.o.weight"] = sd[a + "o.weight"]
+                if stack == "decoder":
+                    a = p + "1.EncDecAttention."
+                    w[q + "norm_x.weight"] = sd[p + "1.layer_norm.weight"]
+                    w[q + "cross.q.weight"] = sd[a + "q.weight"]
+                    w[q + "cross.kv.weight"] = torch.cat([sd[a + "k.weight"], sd[a + "v.weight"]])
+                    w[q + "cross.o.weight"] = sd[a + "o.weight"]
+                f = p + ("2" if stack == "decoder" else "1")
+                d = f + ".DenseReluDense."
+                w[q + "norm2.weight"] = sd[f + ".layer_norm.weight"]
+                w[q + "ffn.up.weight"] = (sd[d + "wi.weight"] if cfg.ffn == "relu"
+                                          else torch.cat([sd[d + "wi_0.weight"], sd[d + "wi_1.weight"]]))
+                w[q + "ffn.down.weight"] = sd[d + "wo.weight"]
+        model.load_state_dict(w, strict=True)
+        return model
+
+
+def key_mask(mask):
+    """(B, S) bool, True = real token -> additive (B, 1, 1, S) mask for SDPA."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, NEG)[:, None, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen
+
+
+class KVCache:
+    """Keys, values, positions and validity of every layer, for incremental decoding (beam search).
+    Decoding a semantic ID takes a handful of steps, so it grows by concatenation."""
+
+    def __init__(self, n_layers):
+        self.layers = [KVCache.Layer() for _ in range(n_layers)]
+
+    class Layer:
+        k = v = pos = valid = None
+
+        def append(self, k, v):  # called by the layer's attention
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            return self.k, self.v
+
+        def extend(self, pos, valid):  # called by the stack: the key positions the layer will see
+            self.pos = pos if self.pos is None else torch.cat([self.pos, pos], dim=1)
+            self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
+            return self.pos, self.valid
+
+    def reorder(self, index):
+        """Keep the rows in `index` (beam search: each surviving beam takes its parent's history)."""
+        for layer in self.layers:
+            layer.k, layer.v, layer.pos, layer.valid = (t[index] for t in (layer.k, layer.v, layer.pos, layer.valid))
+
+    @property
+    def next_pos(self):  # (B, 1): the position after the last token of each row
+        return self.layers[0].pos[:, -1:] + 1
+
+
+class Qwen(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.head_dim ** -0.5) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Qwen2's initialisation: normal(0, 0.02) weights, zero biases."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def rope(self, pos):  # (b, T) positions -> cos, sin (b, 1, T, head_dim), in float32
+        freqs = pos[..., None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """Final hidden states (B, T, D). Without a padding mask or a cache, attention is plainly
+        causal (the flash kernel); right-padded batches need no mask, since under a causal mask no
+        real token sees the padding after it. With a mask or a cache, token i attends to the valid
+        keys at positions <= its own."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = cache.next_pos if cache is not None and cache.layers[0].pos is not None else 0
+            position_ids = torch.arange(T, device=input_ids.device)[None] + start
+        pos = position_ids.expand(B, T)
+        valid = None if attention_mask is None else attention_mask.bool()
+        if valid is None and cache is not None:  # the cache keeps key validity for later steps
+            valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        x, rope = self.embed(input_ids), self.rope(pos)
+        for i, block in enumerate(self.blocks):
+            layer = cache.layers[i] if cache is not None else None
+            mask = None
+            if valid is not None:
+                mask = causal_mask(pos, *(layer.extend(pos, valid) if layer is not None else (pos, valid)))
+            x = block(x, mask, causal=True, rope=rope, cache=layer)
+        return self.norm(x)
+
+    def head(self, h):
+        return self.lm_head(h)
+
+    def forward(self, input_ids, attention_mask=None):
+        """(B, T) tokens [, (B, T) mask] -> logits (B, T, V)."""
+        return self.head(self.hidden(input_ids, attention_mask))
+
+    def loss(self, batch):
+        """Next-SID loss on the target only: the states at `pred_pos` (the separator and the first
+        L-1 target tokens, (B, L)) predict the L target codes. Batches are right-padded, so no mask."""
+        h = self.hidden(batch["ids"])
+        h = h.gather(1, batch["pred_pos"][..., None].expand(-1, -1, h.size(-1)))  # (B, L, D)
+        return F.cross_entropy(self.head(h).flatten(0, 1).float(), batch["labels"].flatten())
+
+    @classmethod
+    def from_hf(cls, hf):
+        """Build from a Hugging Face Qwen2ForCausalLM, copying its weights."""
+        c = hf.config
+        rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": c.rope_theta}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"RoPE scaling '{rope['rope_type']}' is not supported: use a checkpoint with default RoPE")
+        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported: load the checkpoint with use_sliding_window=False")
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        sd = hf.state_dict()
+        tied = sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
+        cfg = ModelConfig(arch="qwen", vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
+                          n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, head_dim=head_dim,
+                          d_ff=c.intermediate_size, ffn="swiglu", dropout=0.0, norm_eps=c.rms_norm_eps,
+                          rope_theta=rope["rope_theta"], qkv_bias=True, tie_embeddings=tied)
+        model = cls(cfg)
+        w = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+             "lm_head.weight": sd["lm_head.weight"]}
+        for i in range(cfg.n_layers):
+            p, q = f"model.layers.{i}.", f"blocks.{i}."
+            for t in ("weight", "bias"):
+                w[q + "attn.qkv." + t] = torch.cat([sd[p + f"self_attn.{n}_proj.{t}"] for n in "qkv"])
+            w[q + "attn.o.weight"] = sd[p + "self_attn.o_proj.weight"]
+            w[q + "norm1.weight"] = sd[p + "input_layernorm.weight"]
+            w[q + "norm2.weight"] = sd[p + "post_attention_layernorm.weight"]
+            w[q + "ffn.up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+            w[q + "ffn.down.weight"] = sd[p + "mlp.down_proj.weight"]
+        model.load_state_dict(w, strict=True)
+        return model
+
+
+def causal_mask(pos, k_pos, k_valid):
+    """(B, T) query positions, (B, S) key positions and validity -> boolean (B, 1, T, S) mask:
+    query i may see key j iff j is valid and pos_j <= pos_i. The last T keys are the queries
+    themselves (with a cache, the cached keys come first); every query sees itself, so a padding
+    row never has an empty softmax."""
+    T, S = pos.size(1), k_pos.size(1)
+    mask = k_valid[:, None, :] & (k_pos[:, None, :] <= pos[:, :, None])
+    mask[:, :, S - T:] |= torch.eye(T, dtype=torch.bool, device=pos.device)
+    return mask[:, None]
+
+
+def build_model(cfg):
+    if cfg.arch not in ("t5", "qwen"):
+        raise ValueError(f"unknown architecture '{cfg.arch}': use --arch t5 or --arch qwen")
+    return (T5 if cfg.arch == "t5" else Qwen)(cfg)
