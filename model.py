@@ -189,7 +189,10 @@ class RelativeBias(nn.Module):
 
     def forward(self, q_pos, k_pos):  # (b, T), (b, S) -> (b, H, T, S)
         rel = k_pos[:, None, :] - q_pos[:, :, None]
-        return self.emb(relative_bucket(rel, self.bidirectional, self.n_buckets, self.max_distance)).permute(0, 3, 1, 2)
+        bias = self.emb(relative_bucket(rel, self.bidirectional, self.n_buckets, self.max_distance))
+        # Contiguous: the fused SDPA kernels need a mask whose last dimension has stride 1; the
+        # permuted view has stride H there and would send every layer to the slow math path.
+        return bias.permute(0, 3, 1, 2).contiguous()
 
 
 class T5(nn.Module):

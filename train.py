@@ -76,10 +76,10 @@ class Step:
     def _capture(self, batch):
         """Warm up on a side stream (compilation, optimiser state, gradient buffers), then capture.
         The warm-up steps are undone (parameters and optimiser state restored in place), so that a
-        capture never trains on a batch twice."""
+        capture never trains on a batch twice. The copies wait in host memory, off the GPU's peak."""
         params = list(self.model.parameters())
-        before = [p.detach().clone() for p in params]
-        state_before = {p: {k: v.clone() for k, v in s.items()} for p, s in self.opt.state.items()}
+        before = [p.detach().to("cpu", copy=True) for p in params]
+        state_before = {p: {k: v.to("cpu", copy=True) for k, v in s.items()} for p, s in self.opt.state.items()}
         static = {k: v.clone() for k, v in batch.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
