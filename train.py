@@ -1,8 +1,8 @@
 """Train a generative recommender on semantic IDs, then evaluate it with constrained beam search.
 
     python train.py --arch t5 --data beauty                 # GRID's T5 on Amazon Beauty (the paper's setting)
-    python train.py --arch qwen --keep 0.33                 # decoder-only, SAP keeping a third of the tokens
-    python train.py --data synthetic --device cpu           # a few minutes on a laptop CPU
+    python train.py --arch qwen --data beauty               # the decoder-only track
+    python train.py --data synthetic --device cpu --preset tiny --epochs 5 --warmup-steps 100 --lr 3e-3 --codebook-size 8
 
 Reads in order: configuration, set-up (device, precision, data, semantic IDs, model), the training
 step, the loop (validation, early stopping, checkpoints), the final test. A run folder holds
@@ -295,6 +295,8 @@ def checkpoint(run, step, state):
 
 
 def peak_mib(device):
+    """Peak memory since the last call. A CUDA graph allocates its pool when it is captured; its
+    replays allocate nothing, so after the first phase the pool shows under reserved."""
     if device.type != "cuda":
         return {}
     out = {"peak_alloc_mib": torch.cuda.max_memory_allocated() / 2**20, "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20}
