@@ -3,6 +3,8 @@
     python bench.py --arch t5                 # GRID's T5: batch 256 x 150 encoder tokens, 4 decoder tokens
     python bench.py --arch qwen --batch 16    # Qwen2.5-0.5B's shape, 513 tokens
     python bench.py --arch both --modes eager,compile,graph --out results.json
+    python bench.py --arch qwen --modes graph --batch 64 --keep 1,0.5,0.33,0.25   # SAP's speed-up
+    python bench.py --arch t5 --modes graph --real beauty --keep 1,0.33           # on Beauty's real histories
 
 Each mode is timed with CUDA events, the median of --steps steps after --warmup steps, on the same
 random batch (token values do not change the work). Modes: `eager`; `compile` (torch.compile of the
@@ -12,13 +14,18 @@ overhead at all, see train.Step). TFLOP/s counts 6 * params * tokens for the mat
 """
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 
+import dataclasses
+
 import torch
 
+from data import DataConfig, Tokens, batches, length_buckets, load_dataset, split
 from model import ModelConfig, build_model
+from sid import SIDConfig, build_sids
 from train import Step, precision
 
 SHAPES = {  # the two shapes of the issue: GRID's T5 and Qwen2.5-0.5B (vocab cut to 2,048)
@@ -38,7 +45,9 @@ def random_batch(arch, B, S, V, device, seed=0):
                 "dec": tok(B, CODES), "labels": tok(B, CODES)}
     # Qwen: history, separator, target; the last CODES + 1 states predict the target codes.
     pred = torch.arange(S - CODES - 1, S - 1, device=device).expand(B, CODES)
-    return {"ids": tok(B, S), "pred_pos": pred.contiguous(), "labels": tok(B, CODES)}
+    prior = torch.zeros(B, S, device=device)
+    prior[:, S - CODES - 1:] = math.inf  # SAP: separator and target always stay
+    return {"ids": tok(B, S), "pred_pos": pred.contiguous(), "labels": tok(B, CODES), "prior": prior}
 
 
 def qwen_flops(cfg, B, S):
@@ -50,31 +59,52 @@ def qwen_flops(cfg, B, S):
     return 6 * n * B * S + 3 * 4 * B * S * S * cfg.n_heads * cfg.head_dim * cfg.n_layers
 
 
-def time_mode(arch, mode, B, S, steps, warmup, device):
-    cfg = SHAPES[arch]["cfg"]
+def real_batches(data, data_dir, n, B, padded, device):
+    """n training batches of T5 inputs from a real dataset: padded to max_items (GRID) or cut to our
+    length buckets. -> list of batches, vocabulary size."""
+    dc = DataConfig(data=data, data_dir=data_dir)
+    ds = load_dataset(dc)
+    sp = split(ds, dc)
+    table = build_sids(ds, SIDConfig())
+    tokens = Tokens(table.codes, table.sizes, device)
+    buckets = [dc.max_items] if padded else length_buckets(sp.train_len, dc.max_items, 4)
+    hist, target = torch.as_tensor(sp.train_hist, device=device), torch.as_tensor(sp.train_target, device=device)
+    epoch = batches(sp.train_len, buckets, B, torch.Generator().manual_seed(0))[:n]
+    return [tokens.t5(hist[idx.to(device), :h], target[idx.to(device)]) for idx, h in epoch], tokens.vocab_size
+
+
+def time_mode(arch, mode, keep, data, steps, warmup, device, label=""):
+    """Median (random batch) or mean (real batches, several shapes) step time of one configuration."""
+    B, S = data[0][next(iter(data[0]))].shape
+    cfg = dataclasses.replace(SHAPES[arch]["cfg"], keep=keep, vocab_size=data[1])
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     step = Step(model, lr=1e-3, weight_decay=0.0, clip=1.0, device=device, compile=mode != "eager",
                 graph=mode == "graph")
-    batch = random_batch(arch, B, S, cfg.vocab_size, device)
+    batches_ = data[0]
     # Peak memory from the first step on: a CUDA graph allocates everything while it is captured.
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(warmup):
-        step(batch)
+    for i in range(max(warmup, len({tuple(b[k].shape) for b in batches_ for k in b}))):
+        step(batches_[i % len(batches_)])
+    for b in batches_:  # every shape compiled and captured before timing
+        step(b)
     torch.cuda.synchronize()
     setup = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
+    times, tokens = [], 0
+    for i in range(max(steps, len(batches_))):
+        b = batches_[i % len(batches_)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss = step(batch)
+        loss = step(b)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    ms = statistics.median(times)
-    row = dict(arch=arch, mode=mode, batch=B, seq=S, ms=ms, ms_min=min(times), ms_max=max(times),
-               samples_s=B / ms * 1e3, tokens_s=B * S / ms * 1e3, tflops=qwen_flops(cfg, B, S) / ms / 1e9 if arch == "qwen" else None,
+        tokens += b[next(iter(b))].numel()
+    ms = statistics.median(times) if len(batches_) == 1 else statistics.mean(times)
+    row = dict(arch=arch, mode=mode, keep=keep, data=label or "random", batch=B, seq=S, ms=ms, ms_min=min(times),
+               ms_max=max(times), samples_s=B / ms * 1e3, tokens_s=tokens / sum(times) * 1e3,
+               tflops=qwen_flops(cfg, B, S) / ms / 1e9 if arch == "qwen" and keep == 1 else None,
                peak_mib=torch.cuda.max_memory_allocated() / 2**20, setup_s=setup, loss=float(loss))
     del step, model
     torch.cuda.empty_cache()
@@ -106,6 +136,9 @@ def main(argv=None):
     p.add_argument("--modes", default="eager,compile,graph", help="comma-separated: eager, compile, graph")
     p.add_argument("--steps", type=int, default=30, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, graph capture)")
+    p.add_argument("--keep", default="1", help="SAP retention ratios to time, comma-separated (1 = no pruning)")
+    p.add_argument("--real", default="", help="t5: time real training batches of this dataset instead of random ones")
+    p.add_argument("--data-dir", default=DataConfig().data_dir, help="where --real looks for the dataset")
     p.add_argument("--profile", default="", help="print a kernel profile of this mode (eager or compile) afterwards")
     p.add_argument("--out", default="", help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -117,12 +150,23 @@ def main(argv=None):
     rows = []
     for arch in (["t5", "qwen"] if args.arch == "both" else [args.arch]):
         B, S = args.batch or SHAPES[arch]["batch"], args.seq or SHAPES[arch]["seq"]
-        for mode in args.modes.split(","):
-            rows.append(time_mode(arch, mode, B, S, args.steps, args.warmup, device))
-            r = rows[-1]
-            print(f"{arch:5s} {mode:8s} B={B:4d} S={S:4d} {r['ms']:8.2f} ms (min {r['ms_min']:.2f}) "
-                  f"{r['samples_s']:9.0f} samples/s {r['tokens_s'] / 1e6:7.2f} Mtok/s {r['tflops'] or 0:6.1f} TFLOP/s "
-                  f"peak {r['peak_mib']:8.0f} MiB  setup {r['setup_s']:.0f} s", flush=True)
+        if args.real and arch == "t5":
+            sets = {f"{args.real}-{kind}": real_batches(args.real, args.data_dir, 200, B, kind == "padded", device)
+                    for kind in ("padded", "buckets")}
+        else:
+            sets = {"random": ([random_batch(arch, B, S, SHAPES[arch]["cfg"].vocab_size, device)],
+                               SHAPES[arch]["cfg"].vocab_size)}
+        for label, data in sets.items():
+            for mode in args.modes.split(","):
+                for keep in (float(k) for k in args.keep.split(",")):
+                    r = time_mode(arch, mode, keep, data, args.steps, args.warmup, device, label)
+                    rows.append(r)
+                    base = next(x for x in rows if (x["arch"], x["mode"], x["data"], x["batch"]) ==
+                                (arch, mode, label, r["batch"]))
+                    print(f"{arch:5s} {mode:8s} {label:14s} B={r['batch']:4d} S={r['seq']:4d} keep {keep:4.2f} "
+                          f"{r['ms']:8.2f} ms ({base['ms'] / r['ms']:4.2f}x) {r['samples_s']:9.0f} samples/s "
+                          f"{r['tflops'] or 0:6.1f} TFLOP/s peak {r['peak_mib']:8.0f} MiB "
+                          f"({r['peak_mib'] / base['peak_mib'] - 1:+.0%} vs keep 1) setup {r['setup_s']:.0f} s", flush=True)
         if args.profile:
             profile(arch, args.profile, B, S, device)
     if args.out:

@@ -21,6 +21,7 @@ import dataclasses
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import urllib.request
@@ -481,11 +482,14 @@ class Tokens:
         sep = (length * L)[:, None]  # (B, 1): where each row's history ends
         ar = torch.arange(1 + L, device=hist.device)
         ids = ids.scatter(1, sep + ar, torch.cat([torch.full_like(sep, SEP), self.item_tokens[target]], 1))
-        return {"ids": ids, "pred_pos": sep + ar[:L], "labels": self.item_tokens[target]}
+        # SAP's prior (sap.py): history tokens are candidates, separator and target always stay, padding never
+        t = torch.arange(ids.size(1), device=ids.device)[None]
+        prior = torch.where(t < sep, 0.0, torch.where(t <= sep + L, math.inf, -math.inf))
+        return {"ids": ids, "pred_pos": sep + ar[:L], "labels": self.item_tokens[target], "prior": prior}
 
     def qwen_prompt(self, hist, length):
         """Generation prompt: history SIDs then SEP, left-padded so that every row ends at its SEP,
-        with its mask. (B, H*L + 1) each."""
+        with its mask and SAP's prior. (B, H*L + 1) each."""
         B, H = hist.shape
         L = self.n_codes
         flat = self.item_tokens[hist].flatten(1)  # real tokens first
@@ -494,7 +498,9 @@ class Tokens:
         ids = torch.where(src >= 0, flat.gather(1, src.clamp(min=0)), PAD)
         ids = torch.cat([ids, torch.full_like(ids[:, :1], SEP)], 1)
         mask = torch.cat([src >= 0, torch.ones_like(src[:, :1], dtype=torch.bool)], 1)
-        return ids, mask
+        prior = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, -math.inf)
+        prior[:, -1] = math.inf  # SAP never drops the separator
+        return {"ids": ids, "mask": mask, "prior": prior}
 
 
 def length_buckets(lengths, max_items, n):

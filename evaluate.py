@@ -111,7 +111,7 @@ class QwenDecoding:
 
     def __init__(self, model, batch):
         self.model, self.cache = model, KVCache(model.cfg.n_layers)
-        self.first = model.hidden(batch["ids"], batch["mask"], cache=self.cache)[:, -1]
+        self.first = model.hidden(batch["ids"], batch["mask"], cache=self.cache, prior=batch["prior"], fixed=1)[:, -1]
 
     def start(self):
         return self.model.head(self.first)
@@ -136,8 +136,7 @@ def rank_items(model, tokens, prefixes, hist, length, cfg, dtype=None):
             batch = tokens.t5(h)
         else:
             decoding = QwenDecoding
-            ids, mask = tokens.qwen_prompt(h, length[chunk])
-            batch = {"ids": ids, "mask": mask}
+            batch = tokens.qwen_prompt(h, length[chunk])
         with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
             items, _ = beam_search(decoding(model, batch), prefixes, tokens.offsets, cfg.beam)
         ranked[chunk, :items.size(1)] = items

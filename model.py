@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import sap
+
 
 @dataclass
 class ModelConfig:
@@ -38,10 +40,31 @@ class ModelConfig:
     rope_theta: float = field(default=1e6, metadata={"help": "qwen RoPE base"})
     qkv_bias: bool = field(default=True, metadata={"help": "qwen: biases on the q/k/v projections, as in Qwen2"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share the token embedding with the output projection"})
+    # SAP (sap.py): prune input tokens after block `prune_layer` of the encoder (t5) or of the stack (qwen)
+    keep: float = field(default=1.0, metadata={"help": "SAP retention ratio rho: fraction of input tokens kept (1 = off)"})
+    prune_layer: int = field(default=0, metadata={"help": "SAP: prune after this many blocks; 0 = t5: 2, qwen: a quarter"})
+    sap_score: str = field(default="attn_l1", metadata={"help": "SAP importance: attn_l1 (the paper), attn, l1, l2, "
+                                                                "random or stride"})
+    sap_positions: str = field(default="original", metadata={"help": "SAP: kept tokens keep their original positions, "
+                                                                      "or compact (re-indexed, as RASTP)"})
+    sap_causal_norm: bool = field(default=False, metadata={"help": "SAP, qwen: divide column sums by the queries "
+                                                                    "that can see each token"})
+    sap_eval: bool = field(default=False, metadata={"help": "SAP: prune at evaluation too (default: training only)"})
 
     def __post_init__(self):
         self.ffn = self.ffn or ("relu" if self.arch == "t5" else "swiglu")
         self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.prune_layer = self.prune_layer or (2 if self.arch == "t5" else max(1, self.n_layers // 4))
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"--keep {self.keep} is outside (0, 1]: it is the fraction of input tokens SAP keeps "
+                             "(1 = no pruning)")
+        if self.keep < 1 and not 1 <= self.prune_layer < self.n_layers:
+            raise ValueError(f"--prune-layer {self.prune_layer} is outside the model's {self.n_layers} blocks: use 1 to "
+                             f"{self.n_layers - 1} (SAP prunes after that many blocks)")
+        if self.sap_score not in sap.SCORES:
+            raise ValueError(f"unknown --sap-score '{self.sap_score}': use one of {', '.join(sap.SCORES)}")
+        if self.sap_positions not in ("original", "compact"):
+            raise ValueError(f"unknown --sap-positions '{self.sap_positions}': use original or compact")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +134,8 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(d_model, n_heads * head_dim + kv_dim, bias=bias)
         self.o = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
-    def forward(self, x, mask=None, causal=False, rope=None, memory=None, cache=None):
+    def forward(self, x, mask=None, causal=False, rope=None, memory=None, cache=None, colsum_valid=None):
+        """colsum_valid: (B, T) real queries; when given, also return SAP's column sums (B, S)."""
         if self.cross:
             q, kv = self.q(x), self.kv(memory)
         else:
@@ -128,7 +152,10 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o(rearrange(y, "b h t d -> b t (h d)"))
+        y = self.o(rearrange(y, "b h t d -> b t (h d)"))
+        if colsum_valid is None:
+            return y
+        return y, sap.column_sums(q, k, self.scale, mask, causal, colsum_valid)
 
 
 class Block(nn.Module):
@@ -146,11 +173,16 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask=None, causal=False, rope=None, memory=None, memory_mask=None, cache=None):
-        x = x + self.drop(self.attn(self.norm1(x), mask, causal, rope, cache=cache))
+    def forward(self, x, mask=None, causal=False, rope=None, memory=None, memory_mask=None, cache=None,
+                colsum_valid=None):
+        """With colsum_valid (B, T), also return the self-attention's column sums (SAP)."""
+        a = self.attn(self.norm1(x), mask, causal, rope, cache=cache, colsum_valid=colsum_valid)
+        a, colsum = a if colsum_valid is not None else (a, None)
+        x = x + self.drop(a)
         if memory is not None:
             x = x + self.drop(self.cross(self.norm_x(x), memory_mask, memory=memory))
-        return x + self.drop(self.ffn(self.norm2(x)))
+        x = x + self.drop(self.ffn(self.norm2(x)))
+        return x if colsum_valid is None else (x, colsum)
 
 
 NEG = -1e9  # additive mask value: finite, so a fully masked row gives uniform weights, never NaN
@@ -231,15 +263,21 @@ class T5(nn.Module):
             nn.init.normal_(block.ffn.down.weight, std=self.cfg.d_ff ** -0.5)
 
     def encode(self, input_ids, attention_mask=None):
-        """(B, S) tokens -> encoder output (B, S', D), its key mask (B, S') and positions (B|1, S').
-        S' = S unless SAP drops tokens inside the stack."""
-        B, S = input_ids.shape
+        """(B, S) tokens -> encoder output (B, S', D) and its key mask (B, S'). S' = S unless SAP
+        drops tokens after block `prune_layer`; the decoder's cross-attention then uses the pruned mask."""
+        S = input_ids.size(1)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         pos = torch.arange(S, device=input_ids.device)[None]  # (1, S): shared by the batch
         x = self.drop(self.embed(input_ids))
-        bias = self.enc_bias(pos, pos) + key_mask(mask)  # (B, H, S, S), shared by all encoder blocks
-        for block in self.encoder:
-            x = block(x, bias)
+        bias = self.enc_bias(pos, pos) + key_mask(mask)  # (B, H, S, S), shared by the encoder blocks
+        prune = self.cfg.keep < 1 and (self.training or self.cfg.sap_eval)
+        for i, block in enumerate(self.encoder):
+            if prune and i + 1 == self.cfg.prune_layer:
+                x, colsum = block(x, bias, colsum_valid=mask)
+                _, x, pos, mask = sap.prune(self.cfg, x, colsum, sap.prior_from_mask(mask), 0, pos, mask)
+                bias = self.enc_bias(pos, pos) + key_mask(mask)  # kept tokens keep their distances
+            else:
+                x = block(x, bias)
         return self.drop(self.enc_norm(x)), mask
 
     def decode(self, decoder_input_ids, memory, memory_mask):
@@ -345,9 +383,8 @@ class KVCache:
         for layer in self.layers:
             layer.k, layer.v, layer.pos, layer.valid = (t[index] for t in (layer.k, layer.v, layer.pos, layer.valid))
 
-    @property
-    def next_pos(self):  # (B, 1): the position after the last token of each row
-        return self.layers[0].pos[:, -1:] + 1
+    def next_pos(self, i=0):  # (B, 1): the position after the last token layer i has seen
+        return self.layers[i].pos[:, -1:] + 1
 
 
 class Qwen(nn.Module):
@@ -378,27 +415,49 @@ class Qwen(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         return emb.cos(), emb.sin()
 
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """Final hidden states (B, T, D). Without a padding mask or a cache, attention is plainly
-        causal (the flash kernel); right-padded batches need no mask, since under a causal mask no
-        real token sees the padding after it. With a mask or a cache, token i attends to the valid
-        keys at positions <= its own."""
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, prior=None, fixed=0, at=None):
+        """Final hidden states (B, T, D), or (B, n, D) at the original positions `at` (B, n).
+
+        Without a padding mask or a cache, attention is plainly causal (the flash kernel):
+        right-padded batches need no mask, since under a causal mask no real token sees the padding
+        after it. With a mask or a cache, token i attends to the valid keys at positions <= its own.
+        SAP (training, or evaluation with sap_eval; never on decoding steps) keeps the `fixed` tokens
+        whose prior is +inf (separator, target) and the best of the candidates (prior 0)."""
         B, T = input_ids.shape
+        prefill = cache is None or cache.layers[0].pos is None
         if position_ids is None:
-            start = cache.next_pos if cache is not None and cache.layers[0].pos is not None else 0
-            position_ids = torch.arange(T, device=input_ids.device)[None] + start
+            position_ids = torch.arange(T, device=input_ids.device)[None] + (0 if prefill else cache.next_pos())
         pos = position_ids.expand(B, T)
         valid = None if attention_mask is None else attention_mask.bool()
         if valid is None and cache is not None:  # the cache keeps key validity for later steps
             valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        prune = self.cfg.keep < 1 and (self.training or self.cfg.sap_eval)
+        if prior is None:
+            prior = sap.prior_from_mask(valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool))
+        index = None  # the original index of each token, once SAP has dropped some
         x, rope = self.embed(input_ids), self.rope(pos)
         for i, block in enumerate(self.blocks):
             layer = cache.layers[i] if cache is not None else None
+            if i == self.cfg.prune_layer and layer is not None and not prefill and self.cfg.keep < 1 and self.cfg.sap_eval:
+                pos = cache.next_pos(i) + torch.arange(T, device=pos.device)  # this layer cached only kept tokens
+                rope = self.rope(pos)
             mask = None
             if valid is not None:
                 mask = causal_mask(pos, *(layer.extend(pos, valid) if layer is not None else (pos, valid)))
-            x = block(x, mask, causal=True, rope=rope, cache=layer)
-        return self.norm(x)
+            if prune and prefill and i + 1 == self.cfg.prune_layer:
+                x, colsum = block(x, mask, causal=True, rope=rope, cache=layer, colsum_valid=prior > -math.inf)
+                index, x, pos, prior, *rest = sap.prune(self.cfg, x, colsum, prior, fixed, pos, prior,
+                                                        *([valid] if valid is not None else []))
+                valid = rest[0] if rest else None
+                rope = self.rope(pos)
+            else:
+                x = block(x, mask, causal=True, rope=rope, cache=layer)
+        h = self.norm(x)
+        if at is None:
+            return h
+        if index is not None:  # kept indices are ascending: find where each wanted position went
+            at = torch.searchsorted(index, at)
+        return h.gather(1, at[..., None].expand(-1, -1, h.size(-1)))
 
     def head(self, h):
         return self.lm_head(h)
@@ -410,8 +469,8 @@ class Qwen(nn.Module):
     def loss(self, batch):
         """Next-SID loss on the target only: the states at `pred_pos` (the separator and the first
         L-1 target tokens, (B, L)) predict the L target codes. Batches are right-padded, so no mask."""
-        h = self.hidden(batch["ids"])
-        h = h.gather(1, batch["pred_pos"][..., None].expand(-1, -1, h.size(-1)))  # (B, L, D)
+        L = batch["labels"].size(1)
+        h = self.hidden(batch["ids"], prior=batch.get("prior"), fixed=L + 1, at=batch["pred_pos"])  # (B, L, D)
         return F.cross_entropy(self.head(h).flatten(0, 1).float(), batch["labels"].flatten())
 
     @classmethod

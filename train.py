@@ -259,6 +259,10 @@ def setup(cfgs, table=None, verbose=True):
             else "flash SDPA (causal, right-padded batches need no mask)")
     say(f"model: {mc.arch} ({tc.preset} size), {n / 1e6:.2f}M parameters, {mc.n_layers} layers, d {mc.d_model}, vocab {mc.vocab_size}; "
         f"attention: {attn}")
+    if mc.keep < 1:
+        say(f"SAP: keep {mc.keep:g} of the {'encoder' if mc.arch == 't5' else 'history'} tokens after block "
+            f"{mc.prune_layer}, score {mc.sap_score}, {mc.sap_positions} positions"
+            f"{', causal-normalised' if mc.sap_causal_norm else ''}; {'also at evaluation' if mc.sap_eval else 'training only'}")
     return Run(cfgs, device, dtype, sp, table, tokens, prefixes, model)
 
 
@@ -310,7 +314,9 @@ def peak_mib(device):
 
 def train(cfgs):
     tc, dc = cfgs["train"], cfgs["data"]
-    out = tc.out or os.path.join("out", f"{os.path.basename(dc.data.rstrip('/'))}-{cfgs['model'].arch}-seed{tc.seed}")
+    mc = cfgs["model"]
+    name = f"{os.path.basename(dc.data.rstrip('/'))}-{mc.arch}" + (f"-keep{mc.keep:g}" if mc.keep < 1 else "")
+    out = tc.out or os.path.join("out", f"{name}-seed{tc.seed}")
     if os.path.exists(os.path.join(out, "config.json")) and not (tc.resume or tc.overwrite):
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
                          "or --out to choose another folder")

@@ -53,7 +53,8 @@ def brute_force(model, tokens, hist, length):
             b = tokens.t5(hh, items)
             logits = model(b["enc"], b["enc_mask"], b["dec"])
         else:
-            ids, mask = tokens.qwen_prompt(hh, ln.expand(n))
+            prompt = tokens.qwen_prompt(hh, ln.expand(n))
+            ids, mask = prompt["ids"], prompt["mask"]
             ids = torch.cat([ids, tokens.item_tokens[items][:, :-1]], 1)
             mask = torch.cat([mask, torch.ones(n, L - 1, dtype=torch.bool)], 1)
             logits = model(ids, mask)[:, -L:]
@@ -111,6 +112,8 @@ def test_token_layouts_round_trip_to_items():
         assert ids[n] == SEP
         assert item_of[tuple(ids[n + 1:n + 4].tolist())] == target[b]
         assert q["pred_pos"][b].tolist() == [n, n + 1, n + 2]
-    ids, mask = tokens.qwen_prompt(hist, length)
+    prompt = tokens.qwen_prompt(hist, length)
+    ids, mask = prompt["ids"], prompt["mask"]
+    assert prompt["prior"][0, :3].eq(-math.inf).all() and prompt["prior"][0, -1] == math.inf
     assert ids[0, :3].tolist() == [0, 0, 0] and not mask[0, :3].any() and ids[0, -1] == SEP
     assert item_of[tuple(ids[0, 3:6].tolist())] == 4

@@ -8,10 +8,11 @@ from train import Step
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def small(arch, dropout):
+def small(arch, dropout, keep=1.0):
     torch.manual_seed(0)
     cfg = ModelConfig(arch=arch, vocab_size=300, d_model=64, n_layers=2, n_decoder_layers=2, n_heads=4,
-                      n_kv_heads=2 if arch == "qwen" else 0, head_dim=16, d_ff=128, dropout=dropout)
+                      n_kv_heads=2 if arch == "qwen" else 0, head_dim=16, d_ff=128, dropout=dropout, keep=keep,
+                      prune_layer=1)
     return build_model(cfg).cuda().train()
 
 
@@ -25,19 +26,22 @@ def batches(arch, n, B=32, S=40):
             mask[: B // 2, S // 2:] = False
             out.append({"enc": t(B, S), "enc_mask": mask.cuda(), "dec": t(B, 4), "labels": t(B, 4)})
         else:
+            prior = torch.zeros(B, S)
+            prior[:, S - 5:] = float("inf")  # separator and target always stay
             out.append({"ids": t(B, S), "pred_pos": torch.arange(S - 5, S - 1).expand(B, 4).contiguous().cuda(),
-                        "labels": t(B, 4)})
+                        "labels": t(B, 4), "prior": prior.cuda()})
     return out
 
 
 @cuda
 @pytest.mark.parametrize("arch", ["t5", "qwen"])
 @pytest.mark.parametrize("compile", [False, True])
-def test_graph_replay_trains_like_plain_steps(arch, compile):
+@pytest.mark.parametrize("keep", [1.0, 0.4])
+def test_graph_replay_trains_like_plain_steps(arch, compile, keep):
     data = batches(arch, 6)
     runs = []
     for graph in (False, True):
-        model = small(arch, dropout=0.0)
+        model = small(arch, dropout=0.0, keep=keep)
         step = Step(model, lr=1e-3, weight_decay=0.01, clip=1.0, device=torch.device("cuda"), compile=compile,
                     graph=graph)
         losses = [float(step(b)) for b in data]
