@@ -75,7 +75,8 @@ def real_batches(data, data_dir, n, B, padded, device):
 
 def time_mode(arch, mode, keep, data, steps, warmup, device, label=""):
     """Median (random batch) or mean (real batches, several shapes) step time of one configuration."""
-    B, S = data[0][next(iter(data[0]))].shape
+    first = data[0][0]
+    B, S = first[next(iter(first))].shape
     cfg = dataclasses.replace(SHAPES[arch]["cfg"], keep=keep, vocab_size=data[1])
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
