@@ -97,7 +97,7 @@ def time_mode(arch, mode, keep, data, steps, warmup, device, label=""):
         b = batches_[i % len(batches_)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss = step(b)
+        loss, _ = step(b)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))

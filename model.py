@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sap
+from map import Heads, losses as map_losses
 
 
 @dataclass
@@ -50,6 +51,12 @@ class ModelConfig:
     sap_causal_norm: bool = field(default=False, metadata={"help": "SAP, qwen: divide column sums by the queries "
                                                                     "that can see each token"})
     sap_eval: bool = field(default=False, metadata={"help": "SAP: prune at evaluation too (default: training only)"})
+    # MAP (map.py): auxiliary prediction of the items after the target
+    map_steps: int = field(default=0, metadata={"help": "MAP depths D: also predict the D items after the target (0 = off)"})
+    map_weight: float = field(default=0.5, metadata={"help": "MAP loss weight lambda"})
+    map_head: str = field(default="linear", metadata={"help": "MAP head: linear (a projection) or block (and one block)"})
+    map_kind: str = field(default="parallel", metadata={"help": "MAP heads read the main state (parallel) or the "
+                                                                "previous depth's (sequential, DeepSeek-V3)"})
 
     def __post_init__(self):
         self.ffn = self.ffn or ("relu" if self.arch == "t5" else "swiglu")
@@ -65,6 +72,11 @@ class ModelConfig:
             raise ValueError(f"unknown --sap-score '{self.sap_score}': use one of {', '.join(sap.SCORES)}")
         if self.sap_positions not in ("original", "compact"):
             raise ValueError(f"unknown --sap-positions '{self.sap_positions}': use original or compact")
+        if self.map_steps < 0:
+            raise ValueError(f"--map-steps {self.map_steps} is negative: use 0 (off) or the number of future items to predict")
+        if self.map_head not in ("linear", "block") or self.map_kind not in ("parallel", "sequential"):
+            raise ValueError(f"unknown MAP head '{self.map_head}' or kind '{self.map_kind}': use --map-head linear|block "
+                             "and --map-kind parallel|sequential")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +254,7 @@ class T5(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.map = map_heads(cfg)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -303,8 +316,8 @@ class T5(nn.Module):
 
     def loss(self, batch):
         """Next-SID loss: the decoder reads (start, c1 .. c_{L-1}) and predicts (c1 .. cL)."""
-        logits = self(batch["enc"], batch["enc_mask"], batch["dec"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+        memory, memory_mask = self.encode(batch["enc"], batch["enc_mask"])
+        return objective(self, self.decode(batch["dec"], memory, memory_mask), batch)
 
     @classmethod
     def from_hf(cls, hf):
@@ -400,6 +413,7 @@ class Qwen(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.map = map_heads(cfg)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -471,7 +485,7 @@ class Qwen(nn.Module):
         L-1 target tokens, (B, L)) predict the L target codes. Batches are right-padded, so no mask."""
         L = batch["labels"].size(1)
         h = self.hidden(batch["ids"], prior=batch.get("prior"), fixed=L + 1, at=batch["pred_pos"])  # (B, L, D)
-        return F.cross_entropy(self.head(h).flatten(0, 1).float(), batch["labels"].flatten())
+        return objective(self, h, batch)
 
     @classmethod
     def from_hf(cls, hf):
@@ -514,6 +528,24 @@ def causal_mask(pos, k_pos, k_valid):
     mask = k_valid[:, None, :] & (k_pos[:, None, :] <= pos[:, :, None])
     mask[:, :, S - T:] |= torch.eye(T, dtype=torch.bool, device=pos.device)
     return mask[:, None]
+
+
+def map_heads(cfg):
+    """MAP's auxiliary heads (map.py), or None: they share the model's embeddings and output projection."""
+    if not cfg.map_steps:
+        return None
+    return Heads(cfg, lambda: Block(cfg, cfg.head_dim ** -0.5), lambda: RMSNorm(cfg.d_model, cfg.norm_eps))
+
+
+def objective(model, h, batch):
+    """Training loss from the states h (B, L, D) that predict the target's L codes: the next-SID NLL,
+    plus lambda times MAP's mean over depths. -> (loss, detached statistics for the log)"""
+    main = F.cross_entropy(model.head(h).flatten(0, 1).float(), batch["labels"].flatten())
+    stats = {"loss_main": main.detach()}
+    if model.map is None:
+        return main, stats
+    aux, aux_stats = map_losses(model, h, batch)
+    return main + model.cfg.map_weight * aux, {**stats, **aux_stats}
 
 
 def build_model(cfg):

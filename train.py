@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from data import DataConfig, Tokens, add_arguments, batches, describe, length_buckets, load_dataset, split
 from evaluate import EvalConfig, Prefixes, evaluate, popularity
+from map import future_items, targets
 from model import ModelConfig, build_model
 from sid import SIDConfig, SIDTable, build_sids
 from sid import describe as describe_sids
@@ -108,7 +109,7 @@ class Step:
 
     def _step(self, batch):
         with torch.autocast(self.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
-            loss = self.loss_fn(batch)
+            loss, stats = self.loss_fn(batch)
         if self.scaler:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.opt)
@@ -120,22 +121,23 @@ class Step:
             self.scaler.update()
         else:
             self.opt.step()
-        return loss.detach()
+        return loss.detach(), stats
 
     def __call__(self, batch):
-        """Run one step on `batch` (a dict of tensors on the device); returns the loss (a GPU tensor)."""
+        """Run one step on `batch` (a dict of tensors on the device); returns the loss and the loss's
+        parts (tensors on the device: reading them waits for the GPU)."""
         if not self.graph:
-            loss = self._step(batch)
+            out = self._step(batch)
             self.opt.zero_grad(set_to_none=True)
-            return loss
+            return out
         key = tuple((k, tuple(v.shape)) for k, v in batch.items())
         if key not in self.graphs:
             self.graphs[key] = self._capture(batch)
-        graph, static, loss = self.graphs[key]
+        graph, static, (loss, stats) = self.graphs[key]
         for k, v in batch.items():
             static[k].copy_(v)
         graph.replay()
-        return loss.clone()
+        return loss.clone(), {k: v.clone() for k, v in stats.items()}
 
     def _capture(self, batch):
         """Warm up on a side stream (compilation, optimiser state, gradient buffers), then capture.
@@ -156,14 +158,14 @@ class Step:
         graph = torch.cuda.CUDAGraph()
         pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None  # one pool for all shapes
         with torch.cuda.graph(graph, pool=pool):
-            loss = self._step(static)
+            out = self._step(static)
         with torch.no_grad():
             for p, b in zip(params, before):
                 p.copy_(b)
             for p, state in self.opt.state.items():
                 for k, t in state.items():
                     t.copy_(state_before[p][k]) if p in state_before else t.zero_()
-        return graph, static, loss
+        return graph, static, out
 
     def state_dict(self):
         return self.opt.state_dict()
@@ -259,6 +261,9 @@ def setup(cfgs, table=None, verbose=True):
             else "flash SDPA (causal, right-padded batches need no mask)")
     say(f"model: {mc.arch} ({tc.preset} size), {n / 1e6:.2f}M parameters, {mc.n_layers} layers, d {mc.d_model}, vocab {mc.vocab_size}; "
         f"attention: {attn}")
+    if mc.map_steps:
+        say(f"MAP: {mc.map_steps} future items, weight {mc.map_weight:g}, {mc.map_kind} {mc.map_head} heads "
+            "sharing the embeddings and output projection; training only")
     if mc.keep < 1:
         say(f"SAP: keep {mc.keep:g} of the {'encoder' if mc.arch == 't5' else 'history'} tokens after block "
             f"{mc.prune_layer}, score {mc.sap_score}, {mc.sap_positions} positions"
@@ -315,7 +320,8 @@ def peak_mib(device):
 def train(cfgs):
     tc, dc = cfgs["train"], cfgs["data"]
     mc = cfgs["model"]
-    name = f"{os.path.basename(dc.data.rstrip('/'))}-{mc.arch}" + (f"-keep{mc.keep:g}" if mc.keep < 1 else "")
+    name = (f"{os.path.basename(dc.data.rstrip('/'))}-{mc.arch}" + (f"-keep{mc.keep:g}" if mc.keep < 1 else "")
+            + (f"-map{mc.map_steps}" if mc.map_steps else ""))
     out = tc.out or os.path.join("out", f"{name}-seed{tc.seed}")
     if os.path.exists(os.path.join(out, "config.json")) and not (tc.resume or tc.overwrite):
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
@@ -329,6 +335,8 @@ def train(cfgs):
     print(f"training step: {'compiled' if tc.compile and cuda else 'eager'}"
           f"{', one CUDA graph per length bucket' if step.graph else ''}; AdamW{' (fused)' if cuda else ''}")
     hist, length, target = (torch.as_tensor(a, device=dev) for a in (sp.train_hist, sp.train_len, sp.train_target))
+    steps_ahead = cfgs["model"].map_steps
+    future = torch.as_tensor(future_items(sp, steps_ahead), device=dev) if steps_ahead else None
     buckets = length_buckets(sp.train_len, sp.train_hist.shape[1], tc.buckets)
     per_epoch = len(batches(sp.train_len, buckets, tc.batch_size, torch.Generator()))
     total = tc.max_steps or tc.epochs * per_epoch
@@ -349,7 +357,7 @@ def train(cfgs):
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     log = open(os.path.join(out, "log.jsonl"), "a")
     bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, disable=None)
-    loss_sum, loss_n, t0 = torch.zeros((), device=dev), 0, time.perf_counter()
+    sums, loss_n, t0 = {}, 0, time.perf_counter()  # running sums of the loss and its parts, on the device
     model.train()
     while state["step"] < total and state["bad"] < tc.patience:
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + state["epoch"])
@@ -357,8 +365,12 @@ def train(cfgs):
         for idx, h in epoch[state["batch"]:]:
             idx = idx.to(dev)
             batch = model_batch(run, hist[idx, :h], length[idx], target[idx])
+            if future is not None:
+                batch.update(targets(run.tokens, future[idx]))
             step.set_lr(lr_at(state["step"], tc, total))
-            loss_sum += step(batch)
+            loss, parts = step(batch)
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0) + v
             loss_n += 1
             state["step"] += 1
             state["batch"] += 1
@@ -369,7 +381,7 @@ def train(cfgs):
                 torch.cuda.memory._record_memory_history(enabled=None)
                 print(f"memory snapshot of steps 1-5 written to {tc.mem_snapshot} (open it at pytorch.org/memory_viz)")
             if state["step"] % tc.log_every == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / loss_n:.4f}", lr=f"{lr_at(state['step'], tc, total):.2e}")
+                bar.set_postfix(loss=f"{sums['loss'].item() / loss_n:.4f}", lr=f"{lr_at(state['step'], tc, total):.2e}")
                 bar.update(tc.log_every)
             if state["step"] % eval_every == 0 or state["step"] == total:
                 if cuda:
@@ -381,8 +393,8 @@ def train(cfgs):
                 model.train()
                 better = m["ndcg@10"] > state["best"]
                 state["best"], state["bad"] = (m["ndcg@10"], 0) if better else (state["best"], state["bad"] + 1)
-                rec = {"step": state["step"], "epoch": state["epoch"], "loss": loss_sum.item() / max(loss_n, 1),
-                       "valid": m, "samples_s": state["samples"] / state["train_s"],
+                rec = {"step": state["step"], "epoch": state["epoch"],
+                       **{k: v.item() / max(loss_n, 1) for k, v in sums.items()}, "valid": m, "samples_s": state["samples"] / state["train_s"],
                        "tokens_s": state["tokens"] / state["train_s"], "train_mem": mem, "eval_mem": peak_mib(dev)}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -392,7 +404,7 @@ def train(cfgs):
                 save(os.path.join(out, "last.pt"), ck)
                 if better:
                     save(os.path.join(out, "best.pt"), ck)
-                loss_sum, loss_n, t0 = torch.zeros((), device=dev), 0, time.perf_counter()
+                sums, loss_n, t0 = {}, 0, time.perf_counter()
             if state["step"] >= total or state["bad"] >= tc.patience:
                 break
         else:

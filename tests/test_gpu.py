@@ -44,7 +44,7 @@ def test_graph_replay_trains_like_plain_steps(arch, compile, keep):
         model = small(arch, dropout=0.0, keep=keep)
         step = Step(model, lr=1e-3, weight_decay=0.01, clip=1.0, device=torch.device("cuda"), compile=compile,
                     graph=graph)
-        losses = [float(step(b)) for b in data]
+        losses = [float(step(b)[0]) for b in data]
         runs.append((losses, torch.cat([p.detach().flatten() for p in model.parameters()])))
     (l0, p0), (l1, p1) = runs
     assert l0 == pytest.approx(l1, rel=2e-2)
@@ -56,5 +56,5 @@ def test_graph_replay_draws_new_dropout_masks():
     model = small("t5", dropout=0.3)
     step = Step(model, lr=0.0, weight_decay=0.0, clip=1.0, device=torch.device("cuda"), compile=True, graph=True)
     b = batches("t5", 1)[0]
-    losses = {float(step(b)) for _ in range(4)}  # same weights (lr 0), same batch: only dropout differs
+    losses = {float(step(b)[0]) for _ in range(4)}  # same weights (lr 0), same batch: only dropout differs
     assert len(losses) == 4

@@ -45,7 +45,7 @@ def test_keep_one_never_runs_the_pruning_code(arch, monkeypatch):
     batch = t5_batch() if arch == "t5" else qwen_batch()[0]
     model = make(arch, dropout=0.1).train()
     torch.manual_seed(5)
-    ref = model.loss(batch)
+    ref, _ = model.loss(batch)
     ref.backward()
     ref_grads = grads(model)
 
@@ -56,7 +56,7 @@ def test_keep_one_never_runs_the_pruning_code(arch, monkeypatch):
     monkeypatch.setattr(sap, "column_sums", fail)
     model.zero_grad()
     torch.manual_seed(5)
-    loss = model.loss(batch)
+    loss, _ = model.loss(batch)
     loss.backward()
     assert torch.equal(loss, ref) and all(torch.equal(a, b) for a, b in zip(grads(model), ref_grads))
 
@@ -68,7 +68,7 @@ def test_pruning_that_keeps_every_token_equals_no_pruning(arch):
     for keep in (1.0, 0.99999):  # 0.99999 runs the whole pruning path yet keeps every token
         model = make(arch, dropout=0.1, keep=keep).train()
         torch.manual_seed(5)  # same dropout masks
-        loss = model.loss(batch)
+        loss, _ = model.loss(batch)
         loss.backward()
         runs.append((loss.detach(), dict(model.named_parameters())))
     (l0, p0), (l1, p1) = runs
@@ -157,7 +157,7 @@ def test_qwen_never_drops_the_separator_or_the_target(monkeypatch):
 
     monkeypatch.setattr(sap, "prune", recording)
     model = make("qwen", keep=0.25).train()
-    loss = model.loss(batch)
+    loss, _ = model.loss(batch)
     assert torch.isfinite(loss)
     idx = kept[0]
     sep = batch["pred_pos"][:, 0]
@@ -171,7 +171,7 @@ def test_qwen_never_drops_the_separator_or_the_target(monkeypatch):
 def test_pruned_training_has_finite_loss_and_gradients_reach_the_embeddings(arch, score):
     batch = t5_batch() if arch == "t5" else qwen_batch()[0]
     model = make(arch, keep=0.33, sap_score=score, sap_causal_norm=arch == "qwen").train()
-    loss = model.loss(batch)
+    loss, _ = model.loss(batch)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -1,0 +1,49 @@
+"""The training loop on synthetic data (CPU): a run folder, resuming, SAP and MAP switched on, clear errors."""
+import json
+import os
+
+import pytest
+
+from train import main
+
+TINY = ["--data", "synthetic", "--synthetic-users", "150", "--synthetic-items", "60", "--device", "cpu",
+        "--preset", "tiny", "--codebook-size", "4", "--batch-size", "32", "--warmup-steps", "2",
+        "--schedule", "constant", "--buckets", "2", "--eval-batch", "256"]
+
+
+def log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_a_few_steps_write_a_complete_run_folder(tmp_path):
+    out = str(tmp_path / "run")
+    main(TINY + ["--max-steps", "6", "--eval-every", "3", "--out", out])
+    assert sorted(os.listdir(out)) == ["best.pt", "config.json", "last.pt", "log.jsonl", "results.json"]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert {"recall@5", "ndcg@5", "recall@10", "ndcg@10", "samples_s", "popularity"} <= set(res)
+    assert [r["step"] for r in log(out)] == [3, 6]
+
+
+def test_resume_continues_at_the_same_step_with_the_same_next_loss(tmp_path):
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    main(TINY + ["--max-steps", "9", "--eval-every", "3", "--out", whole])
+    main(TINY + ["--max-steps", "6", "--eval-every", "3", "--out", part])
+    main(TINY + ["--max-steps", "9", "--eval-every", "3", "--out", part, "--resume"])
+    a, b = log(whole), log(part)
+    assert [r["step"] for r in b] == [3, 6, 9]
+    assert a[-1]["loss"] == b[-1]["loss"] and a[-1]["valid"] == b[-1]["valid"]
+
+
+def test_sap_and_map_train_and_log_each_depth(tmp_path):
+    out = str(tmp_path / "stamp")
+    main(TINY + ["--max-steps", "4", "--eval-every", "4", "--keep", "0.5", "--prune-layer", "1",
+                 "--map-steps", "2", "--out", out])
+    rec = log(out)[-1]
+    assert {"loss", "loss_main", "loss_map1", "acc_map1", "loss_map2", "acc_map2"} <= set(rec)
+
+
+def test_an_existing_run_is_never_overwritten_by_accident(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    main(TINY + ["--max-steps", "2", "--eval-every", "2", "--out", out])
+    with pytest.raises(SystemExit, match="already holds a run: pass --resume to continue it, --overwrite"):
+        main(TINY + ["--max-steps", "2", "--out", out])
