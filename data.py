@@ -4,7 +4,8 @@ leave-one-out split with TIGER/GRID's sliding-window augmentation, and a synthet
 structure for tests and quick CPU runs.
 
 Data flows one way: data -> sid -> model. A Dataset here is only each user's chronological item
-sequence plus each item's text; sid.py turns the text into semantic IDs.
+sequence plus each item's text; sid.py turns the text into semantic IDs, and `Tokens` (at the end)
+turns batches of item indices into model inputs through a SID table, on the device.
 
 Formats (every file may also be gzipped, `<file>.gz`):
   LC-Rec JSON     <Name>.inter.json {"user": [item, ...]}, <Name>.item.json {"item": {"title": ...}}
