@@ -66,6 +66,10 @@ class TrainConfig:
     mem_snapshot: str = field(default="", metadata={"help": "record a CUDA memory snapshot of a few steps to this file"})
     log_every: int = field(default=50, metadata={"help": "refresh the progress bar every N steps"})
 
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown --schedule '{self.schedule}': use cosine or constant")
+
 
 def precision(device):
     """(autocast dtype or None, whether a gradient scaler is needed, the reason, for the start-up log)."""
@@ -197,7 +201,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, cls in CONFIGS.items():
         add_arguments(p.add_argument_group(name), cls, skip=("vocab_size",))
-    # Model sizes default per architecture (ARCH_DEFAULTS): None marks "not given on the command line".
+    # Model sizes default per preset and architecture (PRESETS): None marks "not given on the command line".
     p.set_defaults(**{f.name: None for f in dataclasses.fields(ModelConfig) if f.name != "arch"})
     args = p.parse_args(argv)
     cfgs = {}
