@@ -86,10 +86,8 @@ def time_mode(arch, mode, keep, data, steps, warmup, device, label=""):
     # Peak memory from the first step on: a CUDA graph allocates everything while it is captured.
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for i in range(max(warmup, len({tuple(b[k].shape) for b in batches_ for k in b}))):
+    for i in range(warmup + len(batches_)):  # every shape compiled and captured before timing
         step(batches_[i % len(batches_)])
-    for b in batches_:  # every shape compiled and captured before timing
-        step(b)
     torch.cuda.synchronize()
     setup = time.perf_counter() - t0
     times, tokens = [], 0

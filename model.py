@@ -446,7 +446,7 @@ class Qwen(nn.Module):
         if valid is None and cache is not None:  # the cache keeps key validity for later steps
             valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         prune = self.cfg.keep < 1 and (self.training or self.cfg.sap_eval)
-        if prior is None:
+        if prune and prior is None:  # every real token a candidate
             prior = sap.prior_from_mask(valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool))
         index = None  # the original index of each token, once SAP has dropped some
         x, rope = self.embed(input_ids), self.rope(pos)
