@@ -63,6 +63,10 @@ class DataConfig:
         "help": "synthetic data: latent item clusters users move between"})
     synthetic_seed: int = field(default=0, metadata={"help": "synthetic data: random seed"})
 
+    def __post_init__(self):
+        if self.max_items < 1:
+            raise ValueError(f"--max-items {self.max_items} is below 1: a sample needs a history; use 1 or more (GRID: 30)")
+
 
 @dataclass
 class Dataset:
@@ -111,8 +115,12 @@ def _load_json(path: str):
 
 def read_lcrec(path: str, name: str, kcore: int = 0) -> Dataset:
     """LC-Rec JSON: each user's list is already chronological, so file order is time order."""
-    users, items = [], []
-    for user, seq in _load_json(path).items():
+    users, items, obj = [], [], _load_json(path)
+    if bad := next((u for u, seq in obj.items() if not isinstance(seq, list)), None):
+        raise ValueError(f"{path}: user {bad!r} has {obj[bad]!r}, not a list of items; fix the file or download it again")
+    if empty := sum(not seq for seq in obj.values()):
+        print(f"{name}: dropped {empty:,} users with no items")
+    for user, seq in obj.items():
         users += [user] * len(seq)
         items += [str(i) for i in seq]
     item_path = _companion(path, ".inter.json", ".item.json")
@@ -204,11 +212,13 @@ def read_grouplens(path: str, name: str, kcore: int = 0) -> Dataset:
             raise ValueError(f"{path}: no ratings.dat inside; download {ML1M_URL} again")
         ratings = z.read(members["ratings.dat"]).decode("latin-1").splitlines()
         movies = z.read(members["movies.dat"]).decode("latin-1").splitlines() if "movies.dat" in members else []
-    rows = [line.split("::") for line in ratings]
-    if bad := next((n for n, r in enumerate(rows, 1) if len(r) != 4), None):
-        raise ValueError(f"{path}:ratings.dat:{bad}: expected user::movie::rating::time; download {ML1M_URL} again")
+    rows, movies = [line.split("::") for line in ratings], [line.split("::") for line in movies]
+    for file, lines, shape in (("ratings.dat", rows, "user::movie::rating::time"), ("movies.dat", movies, "movie::title::genres")):
+        n = shape.count("::") + 1
+        if bad := next((i for i, r in enumerate(lines, 1) if len(r) != n or n == 4 and not r[3].strip().isdigit()), None):
+            raise ValueError(f"{path}:{file}:{bad}: expected {shape}; download {ML1M_URL} again")
     texts = {}
-    for movie, title, genres in (line.split("::") for line in movies):
+    for movie, title, genres in movies:
         m = re.fullmatch(r"(.*) \((\d{4})\)\s*", title)
         texts[movie] = {"title": m.group(1) if m else title, "year": m.group(2) if m else "",
                         "genres": ", ".join(genres.split("|"))}
@@ -306,6 +316,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             raise FileNotFoundError(f"{name}: no dataset files found (*.inter.json, *.inter, reviews_*_5.json "
                                     "or *.zip); point --data at a folder that has them")
         return ds
+    # ./data, the default, is made by the first download; a folder named on purpose but missing is a typo.
+    if cfg.data_dir != "data" and not os.path.isdir(cfg.data_dir):
+        raise FileNotFoundError(f"--data-dir {cfg.data_dir} does not exist: point it (or $STAMP_DATA_DIR) at the "
+                                f"folder that holds {name}/, or create it")
     folder = os.path.join(cfg.data_dir, name)
     if os.path.isdir(folder) and (ds := read_path(folder, name, cfg.kcore)) is not None:
         return ds
@@ -413,8 +427,9 @@ def split(ds: Dataset, cfg: DataConfig) -> Split:
     if len(users) < len(lengths):
         print(f"{ds.name}: dropped {len(lengths) - len(users):,} users with fewer than 3 items "
               "(leave-one-out needs a training, a validation and a test item)")
-    if len(users) == 0:
-        raise ValueError(f"{ds.name}: no user has 3 or more items; leave-one-out needs at least 3 per user")
+    if not (lengths >= 4).any():
+        raise ValueError(f"{ds.name}: no user has 4 or more items, so there is no training sample (leave-one-out "
+                         "holds out 2 per user); use a dataset with longer sequences")
     flat = np.concatenate([ds.sequences[u] for u in users]).astype(np.int64)
     n = lengths[users]
     starts = np.concatenate([[0], np.cumsum(n)[:-1]])

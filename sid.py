@@ -54,6 +54,10 @@ class SIDConfig:
     rqvae_beta: float = field(default=0.25, metadata={"help": "RQ-VAE: commitment loss weight"})
     rqvae_batch: int = field(default=1024, metadata={"help": "RQ-VAE: items per batch"})
 
+    def __post_init__(self):  # here, not in build_sids, so that a bad flag fails before the data is read
+        if self.levels < 1 or self.codebook_size < 1:
+            raise ValueError(f"--levels and --codebook-size must be at least 1, got {self.levels} and {self.codebook_size}")
+
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -414,8 +418,6 @@ def build_sids(ds: Dataset, cfg: SIDConfig) -> SIDTable:
         table = load_table(cfg.sid, ds)
         print(f"sid: loaded {cfg.sid}: {table.n_items:,} items x {table.n_codes} codes, sizes {table.sizes}")
         return table
-    if cfg.levels < 1 or cfg.codebook_size < 1:
-        raise ValueError(f"--levels and --codebook-size must be at least 1, got {cfg.levels} and {cfg.codebook_size}")
     if cfg.codebook_size > ds.n_items:
         raise ValueError(f"--codebook-size {cfg.codebook_size} is larger than the {ds.n_items:,} items of "
                          f"{ds.name}: some codes could never be used; choose at most {ds.n_items}")
