@@ -51,6 +51,7 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimiser steps (0: epochs decide)"})
     clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch)"})
+    save_every: int = field(default=0, metadata={"help": "also write last.pt every N steps (0: only at validations)"})
     patience: int = field(default=10, metadata={"help": "stop after this many validations without a better NDCG@10"})
     buckets: int = field(default=4, metadata={"help": "history-length buckets (static shapes for compile/graphs)"})
     sep: bool = field(default=True, metadata={"help": "t5: a separator token after each history item (GRID)"})
@@ -58,6 +59,7 @@ class TrainConfig:
                                                     "tiny (CPU smoke tests); size flags override it"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
+    amp: bool = field(default=True, metadata={"help": "CUDA: bf16 (or fp16) autocast; --no-amp trains in fp32"})
     compile: bool = field(default=True, metadata={"help": "torch.compile the training step (CUDA only)"})
     graph: bool = field(default=True, metadata={"help": "capture the whole step as a CUDA graph (CUDA only)"})
     out: str = field(default="", metadata={"help": "run folder (default: out/<data>-<arch>-seed<seed>)"})
@@ -69,12 +71,23 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown --schedule '{self.schedule}': use cosine or constant")
+        positive = ("batch_size", "epochs", "patience", "log_every")
+        for name in positive + ("warmup_steps", "max_steps", "eval_every", "save_every"):
+            least = 1 if name in positive else 0
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is below {least}: use {least} or more")
+        if self.lr <= 0:
+            raise ValueError(f"--lr {self.lr} is not positive: use a learning rate such as 1e-3")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: pass one of them")
 
 
-def precision(device):
+def precision(device, amp=True):
     """(autocast dtype or None, whether a gradient scaler is needed, the reason, for the start-up log)."""
     if device.type != "cuda":
         return None, False, "fp32: no CUDA device"
+    if not amp:
+        return None, False, "fp32: --no-amp"
     name, cap = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False, f"bf16 autocast: {name} (SM {cap[0]}{cap[1]}) supports it"
@@ -91,9 +104,9 @@ class Step:
     GPU as a tensor, so a schedule can change it between replays without a new capture.
     """
 
-    def __init__(self, model, lr, weight_decay, clip, device, betas=(0.9, 0.999), compile=False, graph=False):
+    def __init__(self, model, lr, weight_decay, clip, device, betas=(0.9, 0.999), compile=False, graph=False, amp=True):
         self.model, self.clip, self.device = model, clip, device
-        self.dtype, needs_scaler, _ = precision(device)
+        self.dtype, needs_scaler, _ = precision(device, amp)
         self.graph = graph and device.type == "cuda" and not needs_scaler  # a scaler syncs with the CPU
         decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and biases do not
         rest = [p for p in model.parameters() if p.dim() < 2]
@@ -208,9 +221,9 @@ def parse_args(argv=None):
     for name, cls in CONFIGS.items():
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
         if cls is ModelConfig:
-            if (args.preset, args.arch) not in PRESETS:
-                raise ValueError(f"unknown --preset {args.preset!r} or --arch {args.arch!r}: "
-                                 "use --preset paper|tiny and --arch t5|qwen")
+            for flag, value, known in (("arch", args.arch, ("t5", "qwen")), ("preset", args.preset, ("paper", "tiny"))):
+                if value not in known:
+                    raise ValueError(f"unknown --{flag} {value!r}: use {' or '.join(known)}")
             given = {**PRESETS[args.preset, args.arch], **given}
         cfgs[name] = cls(**given)
     return cfgs
@@ -248,7 +261,7 @@ def setup(cfgs, table=None, verbose=True):
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-    dtype, _, why = precision(device)
+    dtype, _, why = precision(device, tc.amp)
     say(f"device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; {why}")
     t0 = time.time()
     ds = load_dataset(cfgs["data"])
@@ -295,16 +308,62 @@ def model_batch(run, hist, length, target):
 # Checkpoints: atomic (a temporary file, then a rename), so a crash never leaves a broken one
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, out of memory); main() prints it as one line."""
+
+
 def save(path, obj):
+    """Write a temporary file, flush it to the disk, then rename it over `path`: a process killed at
+    any moment, even mid-write, leaves the previous file or the new one, never half of one."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def checkpoint(run, step, state):
+def checkpoint(run, step, state, sums, loss_n):
+    """All a resumed run needs to go on exactly as if never stopped: weights, optimiser, RNG, its place in
+    the data (epoch, batch), the loss sums since the last validation, configs and SID table."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []}
-    return {"model": run.model.state_dict(), "optimizer": step.state_dict(), "state": dict(state), "rng": rng,
+    state = {**state, "sums": {k: float(v) for k, v in sums.items()}, "loss_n": loss_n}
+    return {"model": run.model.state_dict(), "optimizer": step.state_dict(), "state": state, "rng": rng,
             "configs": {k: dataclasses.asdict(v) for k, v in run.cfgs.items()}, "sid_table": run.table.to_dict()}
+
+
+# On --resume these must be as in the checkpoint: they decide the data, the model's shape and its inputs.
+# Not data_dir (the same data may live elsewhere), nor vocab_size (the SID table's fingerprint decides it).
+MUST_MATCH = [("train", "preset"), ("train", "sep")] + [
+    (group, f.name) for group, cls in (("data", DataConfig), ("model", ModelConfig))
+    for f in dataclasses.fields(cls) if f.name not in ("data_dir", "vocab_size")]
+
+
+def check_resumable(ck, cfgs, path):
+    for group, name in MUST_MATCH:
+        here = getattr(cfgs[group], name)
+        if (there := ck["configs"][group].get(name, here)) != here:
+            raise ValueError(f"--resume: --{name.replace('_', '-')} is {here!r} here but {there!r} in {path}; "
+                             "resume with the run's settings (its config.json) or start a new run with --out")
+
+
+def mean_loss(sums, n, step, last, saved):
+    """The mean training loss since the last validation. Reading it waits for the GPU, so the loop checks
+    it only where it reads values anyway (the progress bar every --log-every steps, checkpoints): a
+    non-finite loss stops the run within --log-every steps and never reaches a checkpoint."""
+    loss = sums["loss"].item() / n
+    if not math.isfinite(loss):
+        good = f"{last} (step {saved}) is the last good checkpoint" if saved else "no checkpoint was written yet"
+        raise TrainingError(f"the training loss is {loss} at step {step}; {good}: lower --lr, raise --warmup-steps "
+                            "or train in fp32 (--no-amp), and --resume")
+    return loss
+
+
+def out_of_memory(step_n, batch):
+    tokens = batch["enc"] if "enc" in batch else batch["ids"]  # (B, T)
+    return (f"CUDA out of memory at step {step_n}: batch {tokens.shape[0]} x {tokens.shape[1]} tokens, peak "
+            f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB allocated; lower --batch-size, --max-items "
+            "(shorter histories) or --keep (SAP drops tokens)")
 
 
 def peak_mib(device):
@@ -322,20 +381,29 @@ def peak_mib(device):
 
 
 def train(cfgs):
-    tc, dc = cfgs["train"], cfgs["data"]
-    mc = cfgs["model"]
+    tc, dc, mc = cfgs["train"], cfgs["data"], cfgs["model"]
     name = (f"{os.path.basename(dc.data.rstrip('/'))}-{mc.arch}" + (f"-keep{mc.keep:g}" if mc.keep < 1 else "")
             + (f"-map{mc.map_steps}" if mc.map_steps else ""))
     out = tc.out or os.path.join("out", f"{name}-seed{tc.seed}")
-    if os.path.exists(os.path.join(out, "config.json")) and not (tc.resume or tc.overwrite):
+    last, held = os.path.join(out, "last.pt"), os.path.exists(os.path.join(out, "config.json"))
+    if held and not (tc.resume or tc.overwrite):
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
                          "or --out to choose another folder")
+    if tc.resume and not held:
+        raise ValueError(f"--resume: {out} holds no run to continue; drop --resume to start one, or fix --out")
+    # A run killed before its first checkpoint has a config.json but no last.pt: it starts again at step 0.
+    ck = torch.load(last, map_location="cpu", weights_only=False) if tc.resume and os.path.exists(last) else None
+    if ck:
+        check_resumable(ck, cfgs, last)
     run = setup(cfgs)
+    if ck and ck["sid_table"]["fingerprint"] != run.table.fingerprint():
+        raise ValueError(f"--resume: the SID table built now ({run.table.fingerprint()}) is not the one in {last} "
+                         f"({ck['sid_table']['fingerprint']}); give the run's SID flags (its config.json) or start a "
+                         "new run with --out")
     dev, sp, model = run.device, run.split, run.model
-    os.makedirs(out, exist_ok=True)
-    json.dump({k: dataclasses.asdict(v) for k, v in cfgs.items()}, open(os.path.join(out, "config.json"), "w"), indent=1)
     cuda = dev.type == "cuda"
-    step = Step(model, tc.lr, tc.weight_decay, tc.clip, dev, compile=tc.compile and cuda, graph=tc.graph and cuda)
+    step = Step(model, tc.lr, tc.weight_decay, tc.clip, dev, compile=tc.compile and cuda, graph=tc.graph and cuda,
+                amp=tc.amp)
     print(f"training step: {'compiled' if tc.compile and cuda else 'eager'}"
           f"{', one CUDA graph per length bucket' if step.graph else ''}; AdamW{' (fused)' if cuda else ''}")
     hist, length, target = (torch.as_tensor(a, device=dev) for a in (sp.train_hist, sp.train_len, sp.train_target))
@@ -343,25 +411,41 @@ def train(cfgs):
     future = torch.as_tensor(future_items(sp, steps_ahead), device=dev) if steps_ahead else None
     buckets = length_buckets(sp.train_len, sp.train_hist.shape[1], tc.buckets)
     per_epoch = len(batches(sp.train_len, buckets, tc.batch_size, torch.Generator()))
+    if per_epoch == 0:
+        raise ValueError(f"no length bucket of the {len(sp.train_len):,} training samples fills one batch of "
+                         f"--batch-size {tc.batch_size}: lower --batch-size or --buckets")
     total = tc.max_steps or tc.epochs * per_epoch
     eval_every = tc.eval_every or per_epoch
     print(f"schedule: {per_epoch} steps per epoch, {total} steps, history buckets {buckets}, "
-          f"validation every {eval_every} steps, patience {tc.patience}")
+          f"validation every {eval_every} steps{f', checkpoint every {tc.save_every}' if tc.save_every else ''}, "
+          f"patience {tc.patience}")
+    os.makedirs(out, exist_ok=True)
+    for f in ("last.pt", "best.pt", "results.json") if tc.overwrite else ():  # never resume or test the old run
+        if os.path.exists(path := os.path.join(out, f)):
+            os.remove(path)
+    json.dump({k: dataclasses.asdict(v) for k, v in cfgs.items()}, open(os.path.join(out, "config.json"), "w"), indent=1)
     state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "bad": 0, "train_s": 0.0, "samples": 0, "tokens": 0}
-    if tc.resume:
-        ck = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    sums, loss_n, saved = {}, 0, None  # running sums of the loss and its parts (on the device); last.pt's step
+    if ck:
         model.load_state_dict(ck["model"])
         step.load_state_dict(ck["optimizer"])
         state = ck["state"]
+        sums, loss_n, saved = state.pop("sums", {}), state.pop("loss_n", 0), state["step"]
         torch.set_rng_state(ck["rng"]["cpu"])
         if cuda and ck["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         print(f"resumed {out} at step {state['step']} (epoch {state['epoch']}, best NDCG@10 {state['best']:.4f})")
+    elif tc.resume:
+        print(f"resumed {out}: it has no checkpoint yet, so it starts again at step 0")
     if tc.mem_snapshot and cuda:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
-    log = open(os.path.join(out, "log.jsonl"), "a")
+    # A resumed run redoes what came after its checkpoint: drop those log lines (and a half-written last one).
+    log_path = os.path.join(out, "log.jsonl")
+    kept = open(log_path).readlines() if ck and os.path.exists(log_path) else []
+    log = open(log_path, "w")
+    log.writelines(line for line in kept if line.endswith("\n") and json.loads(line)["step"] <= state["step"])
     bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, disable=None)
-    sums, loss_n, t0 = {}, 0, time.perf_counter()  # running sums of the loss and its parts, on the device
+    t0 = time.perf_counter()
     model.train()
     while state["step"] < total and state["bad"] < tc.patience:
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + state["epoch"])
@@ -372,7 +456,10 @@ def train(cfgs):
             if future is not None:
                 batch.update(targets(run.tokens, future[idx]))
             step.set_lr(lr_at(state["step"], tc, total))
-            loss, parts = step(batch)
+            try:
+                loss, parts = step(batch)
+            except torch.cuda.OutOfMemoryError:
+                raise TrainingError(out_of_memory(state["step"] + 1, batch)) from None
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0) + v
             loss_n += 1
@@ -384,31 +471,38 @@ def train(cfgs):
                 torch.cuda.memory._dump_snapshot(tc.mem_snapshot)
                 torch.cuda.memory._record_memory_history(enabled=None)
                 print(f"memory snapshot of steps 1-5 written to {tc.mem_snapshot} (open it at pytorch.org/memory_viz)")
+            at_eval = state["step"] % eval_every == 0 or state["step"] == total
+            at_save = at_eval or (tc.save_every and state["step"] % tc.save_every == 0)
+            if state["step"] % tc.log_every == 0 or at_save:
+                loss_now = mean_loss(sums, loss_n, state["step"], last, saved)
             if state["step"] % tc.log_every == 0:
-                bar.set_postfix(loss=f"{sums['loss'].item() / loss_n:.4f}", lr=f"{lr_at(state['step'], tc, total):.2e}")
+                bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr_at(state['step'], tc, total):.2e}")
                 bar.update(tc.log_every)
-            if state["step"] % eval_every == 0 or state["step"] == total:
+            if at_save:
                 if cuda:
                     torch.cuda.synchronize()
                 state["train_s"] += time.perf_counter() - t0
-                mem = peak_mib(dev)
-                m = evaluate(model, run.tokens, run.prefixes, sp.valid_hist, sp.valid_len, sp.valid_target,
-                             run.eval_cfg, run.dtype)
-                model.train()
-                better = m["ndcg@10"] > state["best"]
-                state["best"], state["bad"] = (m["ndcg@10"], 0) if better else (state["best"], state["bad"] + 1)
-                rec = {"step": state["step"], "epoch": state["epoch"],
-                       **{k: v.item() / max(loss_n, 1) for k, v in sums.items()}, "valid": m, "samples_s": state["samples"] / state["train_s"],
-                       "tokens_s": state["tokens"] / state["train_s"], "train_mem": mem, "eval_mem": peak_mib(dev)}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.write(f"step {state['step']}: loss {rec['loss']:.4f} | valid " + " ".join(
-                    f"{k} {v:.4f}" for k, v in m.items()) + (" *" if better else ""))
-                ck = checkpoint(run, step, state)
-                save(os.path.join(out, "last.pt"), ck)
-                if better:
+                better = False
+                if at_eval:
+                    mem = peak_mib(dev)
+                    m = evaluate(model, run.tokens, run.prefixes, sp.valid_hist, sp.valid_len, sp.valid_target,
+                                 run.eval_cfg, run.dtype)
+                    model.train()
+                    better = m["ndcg@10"] > state["best"]
+                    state["best"], state["bad"] = (m["ndcg@10"], 0) if better else (state["best"], state["bad"] + 1)
+                    rec = {"step": state["step"], "epoch": state["epoch"], **{k: float(v) / loss_n for k, v in sums.items()},
+                           "valid": m, "samples_s": state["samples"] / state["train_s"],
+                           "tokens_s": state["tokens"] / state["train_s"], "train_mem": mem, "eval_mem": peak_mib(dev)}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.write(f"step {state['step']}: loss {rec['loss']:.4f} | valid " + " ".join(
+                        f"{k} {v:.4f}" for k, v in m.items()) + (" *" if better else ""))
+                    sums, loss_n = {}, 0
+                ck = checkpoint(run, step, state, sums, loss_n)
+                if better:  # best.pt first: a run killed between the two redoes this validation when resumed
                     save(os.path.join(out, "best.pt"), ck)
-                sums, loss_n, t0 = {}, 0, time.perf_counter()
+                save(last, ck)
+                saved, t0 = state["step"], time.perf_counter()
             if state["step"] >= total or state["bad"] >= tc.patience:
                 break
         else:
@@ -442,7 +536,7 @@ def finish(run, out, state):
 def main(argv=None):
     try:
         train(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TrainingError) as e:
         sys.exit(f"error: {e}")
 
 
