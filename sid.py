@@ -424,7 +424,9 @@ def build_sids(ds: Dataset, cfg: SIDConfig) -> SIDTable:
     t0 = time.time()
     emb = embed_items(ds, cfg)
     t1 = time.time()
-    x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).to(_device())
+    # RQ-KMeans runs on the CPU: there it is deterministic (GPU sums use atomics and TF32), so every
+    # run and machine gets the same table from the same seed, in a few seconds.
+    x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).to("cpu" if cfg.sid == "rqkmeans" else _device())
     with torch.no_grad() if cfg.sid == "rqkmeans" else torch.enable_grad():
         if cfg.sid == "rqkmeans":
             codes, recon = rq_kmeans(x, cfg.levels, cfg.codebook_size, cfg.kmeans_iters, cfg.sid_seed, cfg.balanced,
