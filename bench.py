@@ -5,6 +5,7 @@
     python bench.py --arch both --modes eager,compile,graph --out results.json
     python bench.py --arch qwen --modes graph --batch 64 --keep 1,0.5,0.33,0.25   # SAP's speed-up
     python bench.py --arch t5 --modes graph --real beauty --keep 1,0.33           # on Beauty's real histories
+    python bench.py --arch t5 --modes graph --map-steps 0,2                       # MAP's overhead
 
 Each mode is timed with CUDA events, the median of --steps steps after --warmup steps, on the same
 random batch (token values do not change the work). Modes: `eager`; `compile` (torch.compile of the
@@ -20,10 +21,12 @@ import sys
 import time
 
 import dataclasses
+import itertools
 
 import torch
 
 from data import DataConfig, Tokens, batches, length_buckets, load_dataset, split
+from map import future_items, targets
 from model import ModelConfig, build_model
 from sid import SIDConfig, build_sids
 from train import Step, precision
@@ -37,17 +40,18 @@ SHAPES = {  # the two shapes of the issue: GRID's T5 and Qwen2.5-0.5B (vocab cut
 CODES = 4  # tokens per semantic ID: 3 levels + disambiguation
 
 
-def random_batch(arch, B, S, V, device, seed=0):
+def random_batch(arch, B, S, V, device, seed=0, map_steps=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     tok = lambda *shape: torch.randint(3, V, shape, generator=g).to(device)
+    aux = {"map_dec": tok(B, map_steps, CODES), "map_labels": tok(B, map_steps, CODES)} if map_steps else {}
     if arch == "t5":
         return {"enc": tok(B, S), "enc_mask": torch.ones(B, S, dtype=torch.bool, device=device),
-                "dec": tok(B, CODES), "labels": tok(B, CODES)}
+                "dec": tok(B, CODES), "labels": tok(B, CODES), **aux}
     # Qwen: history, separator, target; the last CODES + 1 states predict the target codes.
     pred = torch.arange(S - CODES - 1, S - 1, device=device).expand(B, CODES)
     prior = torch.zeros(B, S, device=device)
     prior[:, S - CODES - 1:] = math.inf  # SAP: separator and target always stay
-    return {"ids": tok(B, S), "pred_pos": pred.contiguous(), "labels": tok(B, CODES), "prior": prior}
+    return {"ids": tok(B, S), "pred_pos": pred.contiguous(), "labels": tok(B, CODES), "prior": prior, **aux}
 
 
 def qwen_flops(cfg, B, S):
@@ -59,9 +63,9 @@ def qwen_flops(cfg, B, S):
     return 6 * n * B * S + 3 * 4 * B * S * S * cfg.n_heads * cfg.head_dim * cfg.n_layers
 
 
-def real_batches(data, data_dir, n, B, padded, device):
+def real_batches(data, data_dir, n, B, padded, device, map_steps=0):
     """n training batches of T5 inputs from a real dataset: padded to max_items (GRID) or cut to our
-    length buckets. -> list of batches, vocabulary size."""
+    length buckets, with MAP's targets if map_steps. -> list of batches, vocabulary size."""
     dc = DataConfig(data=data, data_dir=data_dir)
     ds = load_dataset(dc)
     sp = split(ds, dc)
@@ -70,14 +74,19 @@ def real_batches(data, data_dir, n, B, padded, device):
     buckets = [dc.max_items] if padded else length_buckets(sp.train_len, dc.max_items, 4)
     hist, target = torch.as_tensor(sp.train_hist, device=device), torch.as_tensor(sp.train_target, device=device)
     epoch = batches(sp.train_len, buckets, B, torch.Generator().manual_seed(0))[:n]
-    return [tokens.t5(hist[idx.to(device), :h], target[idx.to(device)]) for idx, h in epoch], tokens.vocab_size
+    future = torch.as_tensor(future_items(sp, map_steps), device=device) if map_steps else None
+    out = []
+    for idx, h in epoch:
+        idx = idx.to(device)
+        out.append({**tokens.t5(hist[idx, :h], target[idx]), **(targets(tokens, future[idx]) if map_steps else {})})
+    return out, tokens.vocab_size
 
 
-def time_mode(arch, mode, keep, data, steps, warmup, device, label=""):
+def time_mode(arch, mode, keep, data, steps, warmup, device, label="", map_steps=0):
     """Median (random batch) or mean (real batches, several shapes) step time of one configuration."""
     first = data[0][0]
     B, S = first[next(iter(first))].shape
-    cfg = dataclasses.replace(SHAPES[arch]["cfg"], keep=keep, vocab_size=data[1])
+    cfg = dataclasses.replace(SHAPES[arch]["cfg"], keep=keep, vocab_size=data[1], map_steps=map_steps)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     step = Step(model, lr=1e-3, weight_decay=0.0, clip=1.0, device=device, compile=mode != "eager",
@@ -101,7 +110,7 @@ def time_mode(arch, mode, keep, data, steps, warmup, device, label=""):
         times.append(start.elapsed_time(end))
         tokens += b[next(iter(b))].numel()
     ms = statistics.median(times) if len(batches_) == 1 else statistics.mean(times)
-    row = dict(arch=arch, mode=mode, keep=keep, data=label or "random", batch=B, seq=S, ms=ms, ms_min=min(times),
+    row = dict(arch=arch, mode=mode, keep=keep, map_steps=map_steps, data=label or "random", batch=B, seq=S, ms=ms, ms_min=min(times),
                ms_max=max(times), samples_s=B / ms * 1e3, tokens_s=tokens / sum(times) * 1e3,
                tflops=qwen_flops(cfg, B, S) / ms / 1e9 if arch == "qwen" and keep == 1 else None,
                peak_mib=torch.cuda.max_memory_allocated() / 2**20, setup_s=setup, loss=float(loss))
@@ -136,7 +145,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, graph capture)")
     p.add_argument("--keep", default="1", help="SAP retention ratios to time, comma-separated (1 = no pruning)")
+    p.add_argument("--map-steps", default="0", help="MAP depths to time, comma-separated (0 = off)")
     p.add_argument("--real", default="", help="t5: time real training batches of this dataset instead of random ones")
+    p.add_argument("--layout", default="padded,buckets", help="--real batches: padded to 30 items (GRID) and/or "
+                                                              "cut to train.py's length buckets")
     p.add_argument("--data-dir", default=DataConfig().data_dir, help="where --real looks for the dataset")
     p.add_argument("--profile", default="", help="print a kernel profile of this mode (eager or compile) afterwards")
     p.add_argument("--out", default="", help="write the rows as JSON here")
@@ -147,25 +159,29 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py does
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {precision(device)[2]}")
     rows = []
+    depths = [int(d) for d in args.map_steps.split(",")]
     for arch in (["t5", "qwen"] if args.arch == "both" else [args.arch]):
         B, S = args.batch or SHAPES[arch]["batch"], args.seq or SHAPES[arch]["seq"]
         if args.real and arch == "t5":
-            sets = {f"{args.real}-{kind}": real_batches(args.real, args.data_dir, 200, B, kind == "padded", device)
-                    for kind in ("padded", "buckets")}
+            sets = {f"{args.real}-{kind}": real_batches(args.real, args.data_dir, 200, B, kind == "padded", device,
+                                                        max(depths)) for kind in args.layout.split(",")}
         else:
-            sets = {"random": ([random_batch(arch, B, S, SHAPES[arch]["cfg"].vocab_size, device)],
+            sets = {"random": ([random_batch(arch, B, S, SHAPES[arch]["cfg"].vocab_size, device, map_steps=max(depths))],
                                SHAPES[arch]["cfg"].vocab_size)}
-        for label, data in sets.items():
-            for mode in args.modes.split(","):
-                for keep in (float(k) for k in args.keep.split(",")):
-                    r = time_mode(arch, mode, keep, data, args.steps, args.warmup, device, label)
-                    rows.append(r)
-                    base = next(x for x in rows if (x["arch"], x["mode"], x["data"], x["batch"]) ==
-                                (arch, mode, label, r["batch"]))
-                    print(f"{arch:5s} {mode:8s} {label:14s} B={r['batch']:4d} S={r['seq']:4d} keep {keep:4.2f} "
-                          f"{r['ms']:8.2f} ms ({base['ms'] / r['ms']:4.2f}x) {r['samples_s']:9.0f} samples/s "
-                          f"{r['tflops'] or 0:6.1f} TFLOP/s peak {r['peak_mib']:8.0f} MiB "
-                          f"({r['peak_mib'] / base['peak_mib'] - 1:+.0%} vs keep 1) setup {r['setup_s']:.0f} s", flush=True)
+        for label, (data, vocab) in sets.items():
+            for mode, keep, d in itertools.product(args.modes.split(","), map(float, args.keep.split(",")), depths):
+                # a model with d MAP depths reads the first d of the batch's targets (none when d is 0)
+                cut = [{k: v[:, :d] if k.startswith("map") else v for k, v in b.items() if d or not k.startswith("map")}
+                       for b in data]
+                r = time_mode(arch, mode, keep, (cut, vocab), args.steps, args.warmup, device, label, d)
+                rows.append(r)
+                base = next(x for x in rows if (x["arch"], x["mode"], x["data"], x["batch"]) ==
+                            (arch, mode, label, r["batch"]))
+                print(f"{arch:5s} {mode:8s} {label:14s} B={r['batch']:4d} S={r['seq']:4d} keep {keep:4.2f} map {d} "
+                      f"{r['ms']:8.2f} ms ({base['ms'] / r['ms']:4.2f}x) {r['samples_s']:9.0f} samples/s "
+                      f"{r['tflops'] or 0:6.1f} TFLOP/s peak {r['peak_mib']:8.0f} MiB "
+                      f"({r['peak_mib'] / base['peak_mib'] - 1:+.0%} vs the first row) setup {r['setup_s']:.0f} s",
+                      flush=True)
         if args.profile:
             profile(arch, args.profile, B, S, device)
     if args.out:

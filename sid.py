@@ -41,7 +41,7 @@ class SIDConfig:
     max_tokens: int = field(default=256, metadata={
         "help": "encoder input cap in word pieces (MiniLM's own limit; 128 embeds Beauty 1.3x faster on CPU)"})
     sid_seed: int = field(default=0, metadata={"help": "seed of the quantiser: same seed, same table"})
-    cache_dir: str = field(default="cache", metadata={"help": "where item embeddings are cached"})
+    cache_dir: str = field(default="cache", metadata={"help": "where item embeddings and SID tables are cached"})
     kmeans_iters: int = field(default=50, metadata={"help": "k-means (Lloyd) iterations per level"})
     balanced: bool = field(default=True, metadata={
         "help": "balanced k-means assignment (equal-size clusters): fuller codebooks, fewer collisions"})
@@ -423,6 +423,14 @@ def build_sids(ds: Dataset, cfg: SIDConfig) -> SIDTable:
                          f"{ds.name}: some codes could never be used; choose at most {ds.n_items}")
     t0 = time.time()
     emb = embed_items(ds, cfg)
+    # The table is cached beside the embeddings, keyed by them and by every quantiser setting:
+    # runs started side by side then share one table and skip the quantisation.
+    quantiser = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "encoder", "fields", "max_tokens")}
+    key = hashlib.sha1(emb.tobytes() + json.dumps(quantiser, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(cfg.cache_dir, f"sid_{re.sub(r'[^A-Za-z0-9.-]+', '_', ds.name)}_{cfg.sid}_{key}.json")
+    if os.path.exists(path):
+        print(f"sid table: cached {path}")
+        return SIDTable.load(path)
     t1 = time.time()
     # RQ-KMeans runs on the CPU: there it is deterministic (GPU sums use atomics and TF32), so every
     # run and machine gets the same table from the same seed, in a few seconds.
@@ -437,7 +445,10 @@ def build_sids(ds: Dataset, cfg: SIDConfig) -> SIDTable:
     t2 = time.time()
     config = {**asdict(cfg), "dataset": ds.name, "n_items": ds.n_items, "embedding_dim": emb.shape[1]}
     stats = {"reconstruction_cosine": round(cosine, 4), "embed_s": round(t1 - t0, 2), "quantise_s": round(t2 - t1, 2)}
-    return _finish(codes.cpu().numpy().astype(np.int64), [cfg.codebook_size] * cfg.levels, config, stats)
+    table = _finish(codes.cpu().numpy().astype(np.int64), [cfg.codebook_size] * cfg.levels, config, stats)
+    table.save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return table
 
 
 def describe(table: SIDTable) -> str:

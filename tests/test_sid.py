@@ -31,9 +31,10 @@ def test_disambiguate_hand_made():
 
 
 @pytest.mark.parametrize("balanced", [False, True])
-def test_rqkmeans_table_is_bijective_and_deterministic(synthetic, balanced):
-    cfg = SIDConfig(levels=3, codebook_size=16, balanced=balanced)
-    a, b = build_sids(synthetic, cfg), build_sids(synthetic, cfg)
+def test_rqkmeans_table_is_bijective_and_deterministic(synthetic, balanced, tmp_path):
+    # two cache folders: both tables are quantised, neither is read from the other's cache
+    a = build_sids(synthetic, SIDConfig(levels=3, codebook_size=16, balanced=balanced, cache_dir=str(tmp_path / "a")))
+    b = build_sids(synthetic, SIDConfig(levels=3, codebook_size=16, balanced=balanced, cache_dir=str(tmp_path / "b")))
     assert a.fingerprint() == b.fingerprint() and np.array_equal(a.codes, b.codes)
     assert a.codes.dtype == np.int64 and a.n_items == 300
     assert len({tuple(r) for r in a.codes.tolist()}) == 300  # a bijection with the items
@@ -181,3 +182,14 @@ def test_real_letter_beauty_table():
     # 11 of LETTER's SIDs are shared: 9 by two items and 2 by three (24 items; 12,088 distinct)
     assert t.codes.shape == (12_101, 5) and t.stats["distinct"] == 12_088 and t.stats["items_in_collisions"] == 24
     assert t.codes[0].tolist() == [183, 70, 232, 6, 0] and t.sizes == [256, 256, 256, 256, 3]
+
+
+def test_table_cache_serves_the_second_build_and_keys_every_quantiser_setting(synthetic, tmp_path, monkeypatch):
+    cfg = SIDConfig(levels=2, codebook_size=8, cache_dir=str(tmp_path))
+    first = build_sids(synthetic, cfg)
+    assert len(list(tmp_path.glob("sid_*.json"))) == 1
+    monkeypatch.setattr(sid, "rq_kmeans", lambda *a, **k: pytest.fail("quantised again despite the cache"))
+    assert build_sids(synthetic, cfg).fingerprint() == first.fingerprint()
+    monkeypatch.undo()
+    other = build_sids(synthetic, SIDConfig(levels=2, codebook_size=8, sid_seed=1, cache_dir=str(tmp_path)))
+    assert other.fingerprint() != first.fingerprint() and len(list(tmp_path.glob("sid_*.json"))) == 2
