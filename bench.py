@@ -10,7 +10,7 @@
 Each mode is timed with CUDA events, the median of --steps steps after --warmup steps, on the same
 random batch (token values do not change the work). Modes: `eager`; `compile` (torch.compile of the
 loss); `graph` (compiled, then the whole step captured as one CUDA graph and replayed: no launch
-overhead at all, see train.Step). TFLOP/s counts 6 * params * tokens for the matrices plus the full
+overhead at all, see step.Step). TFLOP/s counts 6 * params * tokens for the matrices plus the full
 (not halved causal) attention matrices, as the reference numbers in METHOD.md do.
 """
 import argparse
@@ -29,7 +29,7 @@ from data import DataConfig, Tokens, batches, length_buckets, load_dataset, spli
 from map import future_items, targets
 from model import ModelConfig, build_model
 from sid import SIDConfig, build_sids
-from train import Step, precision
+from step import Step, precision
 
 SHAPES = {  # the two shapes of the issue: GRID's T5 and Qwen2.5-0.5B (vocab cut to 2,048)
     "t5": dict(batch=256, seq=150, cfg=ModelConfig(arch="t5", vocab_size=1030, d_model=128, n_layers=4,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import dist
 from data import BOS
 from model import KVCache
 
@@ -21,7 +22,13 @@ from model import KVCache
 @dataclass
 class EvalConfig:
     beam: int = field(default=10, metadata={"help": "beam width of the constrained beam search (top-K returned)"})
-    eval_batch: int = field(default=1024, metadata={"help": "users decoded at once"})
+    eval_batch: int = field(default=1024, metadata={"help": "users decoded at once (lower it if evaluation runs out "
+                                                             "of GPU memory)"})
+
+    def __post_init__(self):
+        if self.beam < 1 or self.eval_batch < 1:
+            raise ValueError(f"--beam {self.beam} and --eval-batch {self.eval_batch} must be at least 1: the beam is "
+                             "the number of items returned per user (10 for Recall@10)")
 
 
 def metrics(ranked, target, ks=(5, 10)):
@@ -144,8 +151,11 @@ def rank_items(model, tokens, prefixes, hist, length, cfg, dtype=None):
 
 
 def evaluate(model, tokens, prefixes, hist, length, target, cfg, dtype=None):
-    ranked = rank_items(model, tokens, prefixes, hist, length, cfg, dtype)
-    return metrics(ranked, torch.as_tensor(target, device=ranked.device))
+    """Metrics over the users (hist, length, target). Under torchrun each rank ranks its share of them
+    and the totals are summed across ranks (dist.py): every user counts once, as on one GPU."""
+    users = dist.shard(len(target))
+    ranked = rank_items(model, tokens, prefixes, hist[users], length[users], cfg, dtype)
+    return dist.mean_over_ranks(metrics(ranked, torch.as_tensor(target[users], device=ranked.device)), len(ranked))
 
 
 def popularity(train_seqs, target, n_items, k=10):

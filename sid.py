@@ -113,8 +113,9 @@ def embed_items(ds: Dataset, cfg: SIDConfig) -> np.ndarray:
                        convert_to_numpy=True, show_progress_bar=True).astype(np.float32)
     print(f"embeddings: {time.time() - t0:.1f} s, cached to {path}")
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    np.save(path + ".tmp.npy", emb)
-    os.replace(path + ".tmp.npy", path)
+    tmp = f"{path}.{os.getpid()}.tmp.npy"  # one per process: torchrun's ranks may all write it at once
+    np.save(tmp, emb)
+    os.replace(tmp, path)
     return emb
 
 
@@ -446,8 +447,8 @@ def build_sids(ds: Dataset, cfg: SIDConfig) -> SIDTable:
     config = {**asdict(cfg), "dataset": ds.name, "n_items": ds.n_items, "embedding_dim": emb.shape[1]}
     stats = {"reconstruction_cosine": round(cosine, 4), "embed_s": round(t1 - t0, 2), "quantise_s": round(t2 - t1, 2)}
     table = _finish(codes.cpu().numpy().astype(np.int64), [cfg.codebook_size] * cfg.levels, config, stats)
-    table.save(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    table.save(f"{path}.{os.getpid()}.tmp")  # one per process: torchrun's ranks may all write it at once
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
     return table
 
 

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import dist
 from data import DataConfig, Tokens, add_arguments, batches, describe, length_buckets, load_dataset, split
 from evaluate import EvalConfig, Prefixes, evaluate, popularity
 from map import future_items, targets
 from model import ModelConfig, build_model
 from sid import SIDConfig, SIDTable, build_sids
 from sid import describe as describe_sids
+from step import Step, precision
 
 PRESETS = {  # model sizes per architecture; flags given on the command line win
     # GRID's T5 (ModelConfig's defaults): 4 + 4 blocks, d 128, 6 heads of 64, d_ff 1024, dropout 0.15
@@ -42,7 +44,9 @@ PRESETS = {  # model sizes per architecture; flags given on the command line win
 
 @dataclass
 class TrainConfig:
-    batch_size: int = field(default=256, metadata={"help": "samples per optimiser step"})
+    batch_size: int = field(default=256, metadata={"help": "samples per micro-batch on each GPU (an optimiser step "
+                                                   "takes batch-size x accum x GPUs)"})
+    accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step (gradient accumulation)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (GRID: 1e-3)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
     warmup_steps: int = field(default=500, metadata={"help": "linear learning-rate warm-up"})
@@ -71,7 +75,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown --schedule '{self.schedule}': use cosine or constant")
-        positive = ("batch_size", "epochs", "patience", "log_every")
+        positive = ("batch_size", "accum", "epochs", "patience", "log_every")
         for name in positive + ("warmup_steps", "max_steps", "eval_every", "save_every"):
             least = 1 if name in positive else 0
             if getattr(self, name) < least:
@@ -80,118 +84,6 @@ class TrainConfig:
             raise ValueError(f"--lr {self.lr} is not positive: use a learning rate such as 1e-3")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pass one of them")
-
-
-def precision(device, amp=True):
-    """(autocast dtype or None, whether a gradient scaler is needed, the reason, for the start-up log)."""
-    if device.type != "cuda":
-        return None, False, "fp32: no CUDA device"
-    if not amp:
-        return None, False, "fp32: --no-amp"
-    name, cap = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False, f"bf16 autocast: {name} (SM {cap[0]}{cap[1]}) supports it"
-    return torch.float16, True, f"fp16 autocast with a gradient scaler: {name} (SM {cap[0]}{cap[1]}) has no bf16"
-
-
-class Step:
-    """One optimiser step: forward and loss under autocast, backward, gradient clipping, AdamW.
-
-    compile: torch.compile the model's loss (forward and backward become fused Triton kernels).
-    graph: also capture the whole step, optimiser included, as one CUDA graph per batch shape and
-    replay it. Small models such as GRID's T5 are bound by kernel launches, not arithmetic; a
-    replay launches the step's hundreds of kernels at once. The learning rate then lives on the
-    GPU as a tensor, so a schedule can change it between replays without a new capture.
-    """
-
-    def __init__(self, model, lr, weight_decay, clip, device, betas=(0.9, 0.999), compile=False, graph=False, amp=True):
-        self.model, self.clip, self.device = model, clip, device
-        self.dtype, needs_scaler, _ = precision(device, amp)
-        self.graph = graph and device.type == "cuda" and not needs_scaler  # a scaler syncs with the CPU
-        decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and biases do not
-        rest = [p for p in model.parameters() if p.dim() < 2]
-        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
-        lr = torch.tensor(lr, device=device) if self.graph else lr
-        self.opt = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda", capturable=self.graph)
-        self.scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
-        self.loss_fn = torch.compile(model.loss) if compile else model.loss
-        self.graphs = {}  # batch shapes -> (graph, static batch, static loss)
-
-    def set_lr(self, lr):
-        for group in self.opt.param_groups:
-            if torch.is_tensor(group["lr"]):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-
-    def _step(self, batch):
-        with torch.autocast(self.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
-            loss, stats = self.loss_fn(batch)
-        if self.scaler:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        return loss.detach(), stats
-
-    def __call__(self, batch):
-        """Run one step on `batch` (a dict of tensors on the device); returns the loss and the loss's
-        parts (tensors on the device: reading them waits for the GPU)."""
-        if not self.graph:
-            out = self._step(batch)
-            self.opt.zero_grad(set_to_none=True)
-            return out
-        key = tuple((k, tuple(v.shape)) for k, v in batch.items())
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(batch)
-        graph, static, (loss, stats) = self.graphs[key]
-        for k, v in batch.items():
-            static[k].copy_(v)
-        graph.replay()
-        return loss.clone(), {k: v.clone() for k, v in stats.items()}
-
-    def _capture(self, batch):
-        """Warm up on a side stream (compilation, optimiser state, gradient buffers), then capture.
-        The warm-up steps are undone (parameters and optimiser state restored in place), so that a
-        capture never trains on a batch twice. The copies wait in host memory, off the GPU's peak."""
-        params = list(self.model.parameters())
-        before = [p.detach().to("cpu", copy=True) for p in params]
-        state_before = {p: {k: v.to("cpu", copy=True) for k, v in s.items()} for p, s in self.opt.state.items()}
-        static = {k: v.clone() for k, v in batch.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.opt.zero_grad(set_to_none=True)
-                self._step(static)
-        torch.cuda.current_stream().wait_stream(side)
-        self.opt.zero_grad(set_to_none=True)  # the captured backward writes fresh gradients at every replay
-        graph = torch.cuda.CUDAGraph()
-        pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None  # one pool for all shapes
-        with torch.cuda.graph(graph, pool=pool):
-            out = self._step(static)
-        with torch.no_grad():
-            for p, b in zip(params, before):
-                p.copy_(b)
-            for p, state in self.opt.state.items():
-                for k, t in state.items():
-                    t.copy_(state_before[p][k]) if p in state_before else t.zero_()
-        return graph, static, out
-
-    def state_dict(self):
-        return self.opt.state_dict()
-
-    def load_state_dict(self, state):
-        self.opt.load_state_dict(state)
-        if self.graph:  # a captured step reads the learning rate from a tensor on the GPU
-            for group in self.opt.param_groups:
-                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
 
 
 def lr_at(step, cfg, total):
@@ -395,7 +287,12 @@ def train(cfgs):
     ck = torch.load(last, map_location="cpu", weights_only=False) if tc.resume and os.path.exists(last) else None
     if ck:
         check_resumable(ck, cfgs, last)
-    run = setup(cfgs)
+    rank, world = dist.init()
+    lead = rank == 0  # only rank 0 prints and writes
+    say = print if lead else (lambda *a, **k: None)
+    run = setup(cfgs, verbose=lead)
+    if world > 1:  # the same initial weights everywhere (DDP broadcasts rank 0's anyway), but each rank its own dropout
+        torch.manual_seed(tc.seed * 1000 + rank)
     if ck and ck["sid_table"]["fingerprint"] != run.table.fingerprint():
         raise ValueError(f"--resume: the SID table built now ({run.table.fingerprint()}) is not the one in {last} "
                          f"({ck['sid_table']['fingerprint']}); give the run's SID flags (its config.json) or start a "
@@ -403,27 +300,31 @@ def train(cfgs):
     dev, sp, model = run.device, run.split, run.model
     cuda = dev.type == "cuda"
     step = Step(model, tc.lr, tc.weight_decay, tc.clip, dev, compile=tc.compile and cuda, graph=tc.graph and cuda,
-                amp=tc.amp)
-    print(f"training step: {'compiled' if tc.compile and cuda else 'eager'}"
-          f"{', one CUDA graph per length bucket' if step.graph else ''}; AdamW{' (fused)' if cuda else ''}")
+                amp=tc.amp, accum=tc.accum)
+    say(f"training step: {'compiled' if tc.compile and cuda else 'eager'}"
+        f"{', one CUDA graph per length bucket' if step.graph else ''}; AdamW{' (fused)' if cuda else ''}"
+        f"{f'; DDP over {world} processes' if world > 1 else ''}"
+        f"{f'; {tc.accum} micro-batches per step' if tc.accum > 1 else ''}")
     hist, length, target = (torch.as_tensor(a, device=dev) for a in (sp.train_hist, sp.train_len, sp.train_target))
     steps_ahead = cfgs["model"].map_steps
     future = torch.as_tensor(future_items(sp, steps_ahead), device=dev) if steps_ahead else None
     buckets = length_buckets(sp.train_len, sp.train_hist.shape[1], tc.buckets)
-    per_epoch = len(batches(sp.train_len, buckets, tc.batch_size, torch.Generator()))
+    chunk = world * tc.accum  # batches of the epoch's list per optimiser step, all ranks together
+    per_epoch = len(batches(sp.train_len, buckets, tc.batch_size, torch.Generator())) // chunk
     if per_epoch == 0:
-        raise ValueError(f"no length bucket of the {len(sp.train_len):,} training samples fills one batch of "
-                         f"--batch-size {tc.batch_size}: lower --batch-size or --buckets")
+        raise ValueError(f"the {len(sp.train_len):,} training samples do not fill one step of {chunk} batch(es) of "
+                         f"--batch-size {tc.batch_size} in the length buckets: lower --batch-size, --accum or --buckets")
     total = tc.max_steps or tc.epochs * per_epoch
     eval_every = tc.eval_every or per_epoch
-    print(f"schedule: {per_epoch} steps per epoch, {total} steps, history buckets {buckets}, "
+    say(f"schedule: {per_epoch} steps per epoch, {total} steps, history buckets {buckets}, "
           f"validation every {eval_every} steps{f', checkpoint every {tc.save_every}' if tc.save_every else ''}, "
           f"patience {tc.patience}")
-    os.makedirs(out, exist_ok=True)
-    for f in ("last.pt", "best.pt", "results.json") if tc.overwrite else ():  # never resume or test the old run
-        if os.path.exists(path := os.path.join(out, f)):
-            os.remove(path)
-    json.dump({k: dataclasses.asdict(v) for k, v in cfgs.items()}, open(os.path.join(out, "config.json"), "w"), indent=1)
+    if lead:
+        os.makedirs(out, exist_ok=True)
+        for f in ("last.pt", "best.pt", "results.json") if tc.overwrite else ():  # never resume or test the old run
+            if os.path.exists(path := os.path.join(out, f)):
+                os.remove(path)
+        json.dump({k: dataclasses.asdict(v) for k, v in cfgs.items()}, open(os.path.join(out, "config.json"), "w"), indent=1)
     state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "bad": 0, "train_s": 0.0, "samples": 0, "tokens": 0}
     sums, loss_n, saved = {}, 0, None  # running sums of the loss and its parts (on the device); last.pt's step
     if ck:
@@ -431,46 +332,50 @@ def train(cfgs):
         step.load_state_dict(ck["optimizer"])
         state = ck["state"]
         sums, loss_n, saved = state.pop("sums", {}), state.pop("loss_n", 0), state["step"]
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if cuda and ck["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        print(f"resumed {out} at step {state['step']} (epoch {state['epoch']}, best NDCG@10 {state['best']:.4f})")
+        if world == 1:  # several ranks keep their own dropout streams
+            torch.set_rng_state(ck["rng"]["cpu"])
+            if cuda and ck["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        say(f"resumed {out} at step {state['step']} (epoch {state['epoch']}, best NDCG@10 {state['best']:.4f})")
     elif tc.resume:
-        print(f"resumed {out}: it has no checkpoint yet, so it starts again at step 0")
+        say(f"resumed {out}: it has no checkpoint yet, so it starts again at step 0")
     if tc.mem_snapshot and cuda:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     # A resumed run redoes what came after its checkpoint: drop those log lines (and a half-written last one).
     log_path = os.path.join(out, "log.jsonl")
     kept = open(log_path).readlines() if ck and os.path.exists(log_path) else []
-    log = open(log_path, "w")
+    log = open(log_path, "w") if lead else open(os.devnull, "w")
     log.writelines(line for line in kept if line.endswith("\n") and json.loads(line)["step"] <= state["step"])
-    bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=state["step"], desc="train", dynamic_ncols=True, disable=None if lead else True)
     t0 = time.perf_counter()
     model.train()
     while state["step"] < total and state["bad"] < tc.patience:
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + state["epoch"])
         epoch = batches(sp.train_len, buckets, tc.batch_size, g)
-        for idx, h in epoch[state["batch"]:]:
-            idx = idx.to(dev)
-            batch = model_batch(run, hist[idx, :h], length[idx], target[idx])
-            if future is not None:
-                batch.update(targets(run.tokens, future[idx]))
+        for start in range(state["batch"], len(epoch) - chunk + 1, chunk):
+            micro = []
+            for idx, h in dist.my_batches(epoch, start, tc.accum):
+                idx = idx.to(dev)
+                micro.append(model_batch(run, hist[idx, :h], length[idx], target[idx]))
+                if future is not None:
+                    micro[-1].update(targets(run.tokens, future[idx]))
             step.set_lr(lr_at(state["step"], tc, total))
             try:
-                loss, parts = step(batch)
+                loss, parts = step(micro)
             except torch.cuda.OutOfMemoryError:
-                raise TrainingError(out_of_memory(state["step"] + 1, batch)) from None
+                raise TrainingError(out_of_memory(state["step"] + 1, micro[0])) from None
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0) + v
             loss_n += 1
             state["step"] += 1
-            state["batch"] += 1
-            state["samples"] += len(idx)
-            state["tokens"] += sum(v.numel() for k, v in batch.items() if k in ("enc", "dec", "ids"))
+            state["batch"] = start + chunk  # a place in the epoch's list: the same on any number of ranks
+            state["samples"] += tc.batch_size * chunk
+            # tokens of this rank's micro-batches, times the ranks (theirs are about as long)
+            state["tokens"] += world * sum(v.numel() for b in micro for k, v in b.items() if k in ("enc", "dec", "ids"))
             if state["step"] == 5 and tc.mem_snapshot and cuda:
                 torch.cuda.memory._dump_snapshot(tc.mem_snapshot)
                 torch.cuda.memory._record_memory_history(enabled=None)
-                print(f"memory snapshot of steps 1-5 written to {tc.mem_snapshot} (open it at pytorch.org/memory_viz)")
+                say(f"memory snapshot of steps 1-5 written to {tc.mem_snapshot} (open it at pytorch.org/memory_viz)")
             at_eval = state["step"] % eval_every == 0 or state["step"] == total
             at_save = at_eval or (tc.save_every and state["step"] % tc.save_every == 0)
             if state["step"] % tc.log_every == 0 or at_save:
@@ -495,13 +400,15 @@ def train(cfgs):
                            "tokens_s": state["tokens"] / state["train_s"], "train_mem": mem, "eval_mem": peak_mib(dev)}
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
-                    bar.write(f"step {state['step']}: loss {rec['loss']:.4f} | valid " + " ".join(
-                        f"{k} {v:.4f}" for k, v in m.items()) + (" *" if better else ""))
+                    if lead:
+                        bar.write(f"step {state['step']}: loss {rec['loss']:.4f} | valid " + " ".join(
+                            f"{k} {v:.4f}" for k, v in m.items()) + (" *" if better else ""))
                     sums, loss_n = {}, 0
-                ck = checkpoint(run, step, state, sums, loss_n)
-                if better:  # best.pt first: a run killed between the two redoes this validation when resumed
-                    save(os.path.join(out, "best.pt"), ck)
-                save(last, ck)
+                if lead:
+                    ck = checkpoint(run, step, state, sums, loss_n)
+                    if better:  # best.pt first: a run killed between the two redoes this validation when resumed
+                        save(os.path.join(out, "best.pt"), ck)
+                    save(last, ck)
                 saved, t0 = state["step"], time.perf_counter()
             if state["step"] >= total or state["bad"] >= tc.patience:
                 break
@@ -513,6 +420,7 @@ def train(cfgs):
 
 def finish(run, out, state):
     """Test the best checkpoint once; write results.json; print the one-line summary."""
+    dist.barrier()  # rank 0 has written best.pt
     run.model.load_state_dict(torch.load(os.path.join(out, "best.pt"), map_location="cpu", weights_only=False)["model"])
     sp = run.split
     t0 = time.perf_counter()
@@ -525,6 +433,8 @@ def finish(run, out, state):
            "test_eval_s": eval_s, "peak_train_mib": mem,
            "popularity": popularity(sp.train_seqs, sp.test_target, run.table.n_items),
            "device": torch.cuda.get_device_name() if run.device.type == "cuda" else "cpu", "torch": torch.__version__}
+    if dist.rank_world()[0] > 0:
+        return res
     json.dump(res, open(os.path.join(out, "results.json"), "w"), indent=1)
     print(f"done: {state['step']} steps in {state['train_s']:.0f} s, {res['samples_s']:,.0f} samples/s, "
           f"{res['tokens_s']:,.0f} tokens/s, peak {mem:,.0f} MiB | test " + " ".join(
@@ -538,6 +448,8 @@ def main(argv=None):
         train(parse_args(argv))
     except (ValueError, FileNotFoundError, TrainingError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import ModelConfig, build_model
-from train import Step
+from step import Step
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -13,9 +13,9 @@ import zipfile
 import pytest
 import torch
 
-import train
+import step
 from data import DataConfig, load_dataset, split
-from train import main
+from train import main, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "synthetic", "--synthetic-users", "150", "--synthetic-items", "60", "--device", "cpu",
@@ -65,8 +65,8 @@ BAD_DATA = [
     (["--data", "beauti"], r"^error: unknown dataset 'beauti': use beauty, sports, toys, ml-1m, ml-100k, synthetic"),
     (["--data", "beauty", "--data-dir", "NOPE"], r"^error: --data-dir .*nope does not exist: point it \(or \$STAMP_DATA_DIR\) "
                                                  r"at the folder that holds beauty/, or create it$"),
-    (["--batch-size", "5000"], r"^error: no length bucket of the 2,173 training samples fills one batch of --batch-size "
-                               r"5000: lower --batch-size or --buckets$"),
+    (["--batch-size", "5000"], r"^error: the 2,173 training samples do not fill one step of 1 batch\(es\) of --batch-size "
+                               r"5000 in the length buckets: lower --batch-size, --accum or --buckets$"),
     (["--resume"], r"^error: --resume: .*run holds no run to continue; drop --resume to start one, or fix --out$"),
 ]
 
@@ -153,13 +153,13 @@ def test_no_training_sample_is_a_clear_error(tmp_path):
 
 def poison_loss_from(monkeypatch, first):
     """The training loss turns NaN at step `first`."""
-    real, calls = train.Step.__call__, []
+    real, calls = step.Step.__call__, []
 
     def poisoned(self, batch):
         loss, parts = real(self, batch)
         calls.append(1)
         return (loss * float("nan") if len(calls) >= first else loss), parts
-    monkeypatch.setattr(train.Step, "__call__", poisoned)
+    monkeypatch.setattr(step.Step, "__call__", poisoned)
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -186,14 +186,14 @@ def test_overwrite_drops_the_old_checkpoints_and_a_run_without_one_resumes_from_
 
 
 def test_out_of_memory_names_batch_length_peak_and_the_flags_that_help(tmp_path, monkeypatch):
-    real, calls = train.Step.__call__, []
+    real, calls = step.Step.__call__, []
 
     def oom_at_step_3(self, batch):
         calls.append(1)
         if len(calls) == 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, batch)
-    monkeypatch.setattr(train.Step, "__call__", oom_at_step_3)
+    monkeypatch.setattr(step.Step, "__call__", oom_at_step_3)
     fails(TINY + ["--max-steps", "20", "--out", str(tmp_path / "run")],
           r"^error: CUDA out of memory at step 3: batch 32 x \d+ tokens, peak [\d,]+ MiB allocated; lower "
           r"--batch-size, --max-items \(shorter histories\) or --keep \(SAP drops tokens\)$")
@@ -217,7 +217,7 @@ def test_a_checkpoint_interrupted_mid_write_never_replaces_the_good_one(tmp_path
         raise Killed
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(Killed):
-        train.save(last, {"model": "newer"})
+        save(last, {"model": "newer"})
     monkeypatch.undo()
     assert open(last, "rb").read() == good and os.path.getsize(last + ".tmp") == len(good) // 2
     main(TINY + ["--max-steps", "6", "--eval-every", "2", "--out", str(out), "--resume"])
