@@ -62,6 +62,16 @@ class ModelConfig:
         self.ffn = self.ffn or ("relu" if self.arch == "t5" else "swiglu")
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.prune_layer = self.prune_layer or (2 if self.arch == "t5" else max(1, self.n_layers // 4))
+        if self.arch not in ("t5", "qwen"):
+            raise ValueError(f"unknown architecture '{self.arch}': use --arch t5 or --arch qwen")
+        if min(self.d_model, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff) < 1 or (
+                self.arch == "t5" and self.n_decoder_layers < 1):
+            raise ValueError("--d-model, --n-layers, --n-decoder-layers, --n-heads, --head-dim and --d-ff must be at least 1")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"--n-heads {self.n_heads} is not a multiple of --n-kv-heads {self.n_kv_heads}: each kv head "
+                             "serves a whole group of query heads (e.g. 6 and 2)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout {self.dropout} is outside [0, 1): it is the probability of zeroing an activation")
         if not 0 < self.keep <= 1:
             raise ValueError(f"--keep {self.keep} is outside (0, 1]: it is the fraction of input tokens SAP keeps "
                              "(1 = no pruning)")
@@ -549,6 +559,4 @@ def objective(model, h, batch):
 
 
 def build_model(cfg):
-    if cfg.arch not in ("t5", "qwen"):
-        raise ValueError(f"unknown architecture '{cfg.arch}': use --arch t5 or --arch qwen")
     return (T5 if cfg.arch == "t5" else Qwen)(cfg)

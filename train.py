@@ -390,8 +390,13 @@ def train(cfgs):
                 better = False
                 if at_eval:
                     mem = peak_mib(dev)
-                    m = evaluate(model, run.tokens, run.prefixes, sp.valid_hist, sp.valid_len, sp.valid_target,
-                                 run.eval_cfg, run.dtype)
+                    try:
+                        m = evaluate(model, run.tokens, run.prefixes, sp.valid_hist, sp.valid_len, sp.valid_target,
+                                     run.eval_cfg, run.dtype)
+                    except torch.cuda.OutOfMemoryError:
+                        raise TrainingError(f"CUDA out of memory while validating at step {state['step']} (--eval-batch "
+                                            f"{run.eval_cfg.eval_batch} users at once); lower --eval-batch and "
+                                            "--resume") from None
                     model.train()
                     better = m["ndcg@10"] > state["best"]
                     state["best"], state["bad"] = (m["ndcg@10"], 0) if better else (state["best"], state["bad"] + 1)
