@@ -6,6 +6,7 @@
     python bench.py --arch qwen --modes graph --batch 64 --keep 1,0.5,0.33,0.25   # SAP's speed-up
     python bench.py --arch t5 --modes graph --real beauty --keep 1,0.33           # on Beauty's real histories
     python bench.py --arch t5 --modes graph --map-steps 0,2                       # MAP's overhead
+    torchrun --nproc_per_node 2 bench.py --arch qwen --modes compile              # DDP (no graphs under DDP)
 
 Each mode is timed with CUDA events, the median of --steps steps after --warmup steps, on the same
 random batch (token values do not change the work). Modes: `eager`; `compile` (torch.compile of the
@@ -25,6 +26,7 @@ import itertools
 
 import torch
 
+import dist
 from data import DataConfig, Tokens, batches, length_buckets, load_dataset, split
 from map import future_items, targets
 from model import ModelConfig, build_model
@@ -85,6 +87,7 @@ def real_batches(data, data_dir, n, B, padded, device, map_steps=0):
 def time_mode(arch, mode, keep, data, steps, warmup, device, label="", map_steps=0):
     """Median (random batch) or mean (real batches, several shapes) step time of one configuration."""
     first = data[0][0]
+    world = dist.rank_world()[1]  # under torchrun every rank steps its own batch: throughput counts them all
     B, S = first[next(iter(first))].shape
     cfg = dataclasses.replace(SHAPES[arch]["cfg"], keep=keep, vocab_size=data[1], map_steps=map_steps)
     torch.manual_seed(0)
@@ -111,7 +114,7 @@ def time_mode(arch, mode, keep, data, steps, warmup, device, label="", map_steps
         tokens += b[next(iter(b))].numel()
     ms = statistics.median(times) if len(batches_) == 1 else statistics.mean(times)
     row = dict(arch=arch, mode=mode, keep=keep, map_steps=map_steps, data=label or "random", batch=B, seq=S, ms=ms, ms_min=min(times),
-               ms_max=max(times), samples_s=B / ms * 1e3, tokens_s=tokens / sum(times) * 1e3,
+               ms_max=max(times), samples_s=B * world / ms * 1e3, tokens_s=tokens * world / sum(times) * 1e3,
                tflops=qwen_flops(cfg, B, S) / ms / 1e9 if arch == "qwen" and keep == 1 else None,
                peak_mib=torch.cuda.max_memory_allocated() / 2**20, setup_s=setup, loss=float(loss))
     del step, model
@@ -155,9 +158,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.py times GPU steps: no CUDA device is visible")
+    rank, world = dist.init()
     device = torch.device("cuda")
+    say = print if rank == 0 else (lambda *a, **k: None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py does
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {precision(device)[2]}")
+    say(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {precision(device)[2]}"
+        f"{f' | DDP over {world} GPUs, samples/s of all of them' if world > 1 else ''}")
     rows = []
     depths = [int(d) for d in args.map_steps.split(",")]
     for arch in (["t5", "qwen"] if args.arch == "both" else [args.arch]):
@@ -177,14 +183,14 @@ def main(argv=None):
                 rows.append(r)
                 base = next(x for x in rows if (x["arch"], x["mode"], x["data"], x["batch"]) ==
                             (arch, mode, label, r["batch"]))
-                print(f"{arch:5s} {mode:8s} {label:14s} B={r['batch']:4d} S={r['seq']:4d} keep {keep:4.2f} map {d} "
-                      f"{r['ms']:8.2f} ms ({base['ms'] / r['ms']:4.2f}x) {r['samples_s']:9.0f} samples/s "
-                      f"{r['tflops'] or 0:6.1f} TFLOP/s peak {r['peak_mib']:8.0f} MiB "
-                      f"({r['peak_mib'] / base['peak_mib'] - 1:+.0%} vs the first row) setup {r['setup_s']:.0f} s",
-                      flush=True)
+                say(f"{arch:5s} {mode:8s} {label:14s} B={r['batch']:4d} S={r['seq']:4d} keep {keep:4.2f} map {d} "
+                    f"{r['ms']:8.2f} ms ({base['ms'] / r['ms']:4.2f}x) {r['samples_s']:9.0f} samples/s "
+                    f"{r['tflops'] or 0:6.1f} TFLOP/s peak {r['peak_mib']:8.0f} MiB "
+                    f"({r['peak_mib'] / base['peak_mib'] - 1:+.0%} vs the first row) setup {r['setup_s']:.0f} s",
+                    flush=True)
         if args.profile:
             profile(arch, args.profile, B, S, device)
-    if args.out:
+    if args.out and rank == 0:
         meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, argv=sys.argv)
         json.dump(dict(meta=meta, rows=rows), open(args.out, "w"), indent=1)
 
