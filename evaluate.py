@@ -173,8 +173,9 @@ def main(argv=None):
     p.add_argument("run", help="run folder written by train.py (out/<run>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--beam", type=int, default=None, help="beam width (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="where the run's dataset is (default: where it was trained)")
     args = p.parse_args(argv)
-    run = load_run(args.run, torch.device(args.device))
+    run = load_run(args.run, torch.device(args.device), data_dir=args.data_dir)
     cfg = run.eval_cfg if args.beam is None else EvalConfig(args.beam, run.eval_cfg.eval_batch)
     for part in ("valid", "test"):
         sp = run.split

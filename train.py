@@ -180,11 +180,13 @@ def setup(cfgs, table=None, verbose=True):
     return Run(cfgs, device, dtype, sp, table, tokens, prefixes, model)
 
 
-def load_run(folder, device, which="best.pt"):
-    """A finished or interrupted run, rebuilt from its folder, for evaluation."""
+def load_run(folder, device, which="best.pt", data_dir=None):
+    """A finished or interrupted run, rebuilt from its folder, for evaluation (its data read from
+    data_dir if given: a run trained on another machine)."""
     ck = torch.load(os.path.join(folder, which), map_location="cpu", weights_only=False)
     cfgs = {name: CONFIGS[name](**ck["configs"][name]) for name in CONFIGS}
     cfgs["train"].device = device.type
+    cfgs["data"].data_dir = data_dir or cfgs["data"].data_dir
     run = setup(cfgs, SIDTable.from_dict(ck["sid_table"]), verbose=False)
     run.model.load_state_dict(ck["model"])
     return run

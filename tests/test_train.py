@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from evaluate import main as evaluate_main
 from train import main
 
 TINY = ["--data", "synthetic", "--synthetic-users", "150", "--synthetic-items", "60", "--device", "cpu",
@@ -15,13 +16,17 @@ def log(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 
-def test_a_few_steps_write_a_complete_run_folder(tmp_path):
+def test_a_few_steps_write_a_complete_run_folder(tmp_path, capsys):
     out = str(tmp_path / "run")
     main(TINY + ["--max-steps", "6", "--eval-every", "3", "--out", out])
     assert sorted(os.listdir(out)) == ["best.pt", "config.json", "last.pt", "log.jsonl", "results.json"]
     res = json.load(open(os.path.join(out, "results.json")))
     assert {"recall@5", "ndcg@5", "recall@10", "ndcg@10", "samples_s", "popularity"} <= set(res)
     assert [r["step"] for r in log(out)] == [3, 6]
+    # evaluate.py re-evaluates the saved run and finds its test metrics again
+    evaluate_main([out, "--device", "cpu", "--data-dir", str(tmp_path)])
+    test = capsys.readouterr().out.splitlines()[-1]
+    assert test.startswith(f"test: recall@5 {res['recall@5']:.4f}") and "users/s" in test
 
 
 def test_resume_continues_at_the_same_step_with_the_same_next_loss(tmp_path):
