@@ -30,9 +30,12 @@ from sid import SIDConfig, SIDTable, build_sids
 from sid import describe as describe_sids
 from step import Step, precision
 
-PRESETS = {  # model sizes per architecture; flags given on the command line win
-    # GRID's T5 (ModelConfig's defaults): 4 + 4 blocks, d 128, 6 heads of 64, d_ff 1024, dropout 0.15
-    ("paper", "t5"): dict(),
+PRESETS = {  # a recipe per size and architecture: model sizes and training settings; flags given win
+    # GRID's T5 (ModelConfig's defaults: 4 + 4 blocks, d 128, 6 heads of 64, d_ff 1024, dropout 0.15) with
+    # GRID's optimiser settings: Adam at a constant 1e-3 on batches of thousands of samples (32 users x
+    # all their prefixes x 16 accumulated micro-batches) for ~100 epochs. At batch 256 and 10-20 epochs
+    # the same model reaches half its accuracy (README, "T5 on Beauty").
+    ("paper", "t5"): dict(batch_size=2048, schedule="constant", warmup_steps=200, epochs=150),
     # decoder-only at about the T5's parameter count: 8 blocks, d 128, 6 query and 2 kv heads
     ("paper", "qwen"): dict(n_layers=8, n_kv_heads=2, dropout=0.1, rope_theta=10000.0),
     # a CPU smoke-test size: trains on synthetic data in a few minutes on two cores
@@ -45,16 +48,17 @@ PRESETS = {  # model sizes per architecture; flags given on the command line win
 @dataclass
 class TrainConfig:
     batch_size: int = field(default=256, metadata={"help": "samples per micro-batch on each GPU (an optimiser step "
-                                                   "takes batch-size x accum x GPUs)"})
+                                                   "takes batch-size x accum x GPUs; the paper t5 recipe: 2048)"})
     accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step (gradient accumulation)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (GRID: 1e-3)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
     warmup_steps: int = field(default=500, metadata={"help": "linear learning-rate warm-up"})
-    schedule: str = field(default="cosine", metadata={"help": "after warm-up: cosine (to 0 at the last epoch) or constant"})
-    epochs: int = field(default=30, metadata={"help": "passes over the training samples (GRID stops within 10 of 512)"})
+    schedule: str = field(default="cosine", metadata={"help": "after warm-up: cosine (to 0 at the last epoch) or "
+                                                 "constant (the paper t5 recipe, as GRID)"})
+    epochs: int = field(default=30, metadata={"help": "passes over the training samples (the paper t5 recipe: 150)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimiser steps (0: epochs decide)"})
     clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
-    eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch)"})
+    eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch, at most ~20 times a run)"})
     save_every: int = field(default=0, metadata={"help": "also write last.pt every N steps (0: only at validations)"})
     patience: int = field(default=10, metadata={"help": "stop after this many validations without a better NDCG@10"})
     buckets: int = field(default=4, metadata={"help": "history-length buckets (static shapes for compile/graphs)"})
@@ -96,6 +100,12 @@ def lr_at(step, cfg, total):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def default_eval_every(per_epoch, total):
+    """Once per epoch, but at most about 20 validations a run: each is a beam search over every user
+    (Beauty: ~5 s on an H100, as long as one to two epochs of T5 training at batch 2048)."""
+    return per_epoch * math.ceil(total / per_epoch / 20)
+
+
 # ---------------------------------------------------------------------------------------------
 # Set-up: configuration -> data -> semantic IDs -> model
 
@@ -106,18 +116,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, cls in CONFIGS.items():
         add_arguments(p.add_argument_group(name), cls, skip=("vocab_size",))
-    # Model sizes default per preset and architecture (PRESETS): None marks "not given on the command line".
-    p.set_defaults(**{f.name: None for f in dataclasses.fields(ModelConfig) if f.name != "arch"})
+    # Model sizes and the fields of a recipe default per preset and architecture (PRESETS): None marks
+    # "not given on the command line".
+    unset = {f.name for f in dataclasses.fields(ModelConfig) if f.name != "arch"} | {k for r in PRESETS.values() for k in r}
+    p.set_defaults(**dict.fromkeys(unset))
     args = p.parse_args(argv)
+    for flag, value, known in (("arch", args.arch, ("t5", "qwen")), ("preset", args.preset, ("paper", "tiny"))):
+        if value not in known:
+            raise ValueError(f"unknown --{flag} {value!r}: use {' or '.join(known)}")
+    recipe = PRESETS[args.preset, args.arch]
     cfgs = {}
     for name, cls in CONFIGS.items():
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-        if cls is ModelConfig:
-            for flag, value, known in (("arch", args.arch, ("t5", "qwen")), ("preset", args.preset, ("paper", "tiny"))):
-                if value not in known:
-                    raise ValueError(f"unknown --{flag} {value!r}: use {' or '.join(known)}")
-            given = {**PRESETS[args.preset, args.arch], **given}
-        cfgs[name] = cls(**given)
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+        cfgs[name] = cls(**{**{k: v for k, v in recipe.items() if k in names}, **given})
     return cfgs
 
 
@@ -317,10 +329,11 @@ def train(cfgs):
         raise ValueError(f"the {len(sp.train_len):,} training samples do not fill one step of {chunk} batch(es) of "
                          f"--batch-size {tc.batch_size} in the length buckets: lower --batch-size, --accum or --buckets")
     total = tc.max_steps or tc.epochs * per_epoch
-    eval_every = tc.eval_every or per_epoch
-    say(f"schedule: {per_epoch} steps per epoch, {total} steps, history buckets {buckets}, "
-          f"validation every {eval_every} steps{f', checkpoint every {tc.save_every}' if tc.save_every else ''}, "
-          f"patience {tc.patience}")
+    eval_every = tc.eval_every or default_eval_every(per_epoch, total)
+    say(f"schedule: batch {tc.batch_size * chunk}, lr {tc.lr:g} {tc.schedule} after {tc.warmup_steps} warm-up steps, "
+        f"{per_epoch} steps per epoch, {total} steps, history buckets {buckets}, "
+        f"validation every {eval_every} steps{f', checkpoint every {tc.save_every}' if tc.save_every else ''}, "
+        f"patience {tc.patience}")
     if lead:
         os.makedirs(out, exist_ok=True)
         for f in ("last.pt", "best.pt", "results.json") if tc.overwrite else ():  # never resume or test the old run

@@ -52,3 +52,21 @@ def test_an_existing_run_is_never_overwritten_by_accident(tmp_path, capsys):
     main(TINY + ["--max-steps", "2", "--eval-every", "2", "--out", out])
     with pytest.raises(SystemExit, match="already holds a run: pass --resume to continue it, --overwrite"):
         main(TINY + ["--max-steps", "2", "--out", out])
+
+
+def test_the_paper_t5_recipe_is_grids_and_flags_override_it():
+    from train import parse_args
+    t5, qwen = parse_args(["--arch", "t5"])["train"], parse_args(["--arch", "qwen"])["train"]
+    assert (t5.batch_size, t5.schedule, t5.warmup_steps, t5.epochs, t5.lr) == (2048, "constant", 200, 150, 1e-3)
+    assert (qwen.batch_size, qwen.schedule) == (256, "cosine")  # the recipe is per architecture
+    mine = parse_args(["--arch", "t5", "--batch-size", "256", "--schedule", "cosine", "--epochs", "10"])["train"]
+    assert (mine.batch_size, mine.schedule, mine.epochs, mine.warmup_steps) == (256, "cosine", 10, 200)
+    tiny = parse_args(["--arch", "t5", "--preset", "tiny"])
+    assert tiny["train"].batch_size == 256 and tiny["model"].d_model == 64
+
+
+def test_validation_is_once_per_epoch_but_at_most_about_20_times_a_run():
+    from train import default_eval_every
+    assert default_eval_every(62, 62 * 20) == 62  # 20 epochs: every epoch
+    assert default_eval_every(62, 62 * 150) == 62 * 8  # 150 epochs: every 8th, 19 validations
+    assert default_eval_every(10, 25) == 10  # a short run still validates each epoch
