@@ -34,7 +34,7 @@ PRESETS = {  # a recipe per size and architecture: model sizes and training sett
     # GRID's T5 (ModelConfig's defaults: 4 + 4 blocks, d 128, 6 heads of 64, d_ff 1024, dropout 0.15) with
     # GRID's optimiser settings: Adam at a constant 1e-3 on batches of thousands of samples (32 users x
     # all their prefixes x 16 accumulated micro-batches) for ~100 epochs. At batch 256 and 10-20 epochs
-    # the same model reaches half its accuracy (README, "T5 on Beauty").
+    # the same model reaches half its accuracy (README, "Results").
     ("paper", "t5"): dict(batch_size=2048, schedule="constant", warmup_steps=200, epochs=150),
     # decoder-only at about the T5's parameter count: 8 blocks, d 128, 6 query and 2 kv heads
     ("paper", "qwen"): dict(n_layers=8, n_kv_heads=2, dropout=0.1, rope_theta=10000.0),
@@ -121,7 +121,8 @@ def parse_args(argv=None):
     unset = {f.name for f in dataclasses.fields(ModelConfig) if f.name != "arch"} | {k for r in PRESETS.values() for k in r}
     p.set_defaults(**dict.fromkeys(unset))
     args = p.parse_args(argv)
-    for flag, value, known in (("arch", args.arch, ("t5", "qwen")), ("preset", args.preset, ("paper", "tiny"))):
+    for flag, value, known in (("arch", args.arch, list(dict.fromkeys(a for _, a in PRESETS))),
+                               ("preset", args.preset, list(dict.fromkeys(p for p, _ in PRESETS)))):
         if value not in known:
             raise ValueError(f"unknown --{flag} {value!r}: use {' or '.join(known)}")
     recipe = PRESETS[args.preset, args.arch]
