@@ -70,6 +70,17 @@ def importance(kind, x, colsum, valid, keep, causal_norm=False):
     raise ValueError(f"unknown --sap-score '{kind}': use one of {', '.join(SCORES)}")
 
 
+def ascending(top, T):
+    """The same (B, k) indices into T tokens, in ascending order, without a sort: mark the kept
+    tokens, number them by a running count and scatter each index to its slot. (A sort compiles to
+    Triton's bitonic sort, which ptxas took minutes to hours to build at some k on the H100.)"""
+    B, k = top.shape
+    kept = torch.zeros(B, T, dtype=torch.bool, device=top.device).scatter(1, top, True)
+    slot = (kept.cumsum(1) - 1).masked_fill(~kept, k)  # dropped tokens all go to a spare slot k
+    every = torch.arange(T, device=top.device).expand(B, T)
+    return torch.zeros(B, k + 1, dtype=torch.long, device=top.device).scatter(1, slot, every)[:, :k]
+
+
 def prune(cfg, x, colsum, prior, fixed, pos, *others):
     """Keep the n_kept(T, fixed, keep) best tokens of x (B, T, D), in order.
 
@@ -79,7 +90,7 @@ def prune(cfg, x, colsum, prior, fixed, pos, *others):
     B, T, D = x.shape
     k = n_kept(T, fixed, cfg.keep)
     score = importance(cfg.sap_score, x, colsum, prior > -math.inf, cfg.keep, cfg.sap_causal_norm)
-    idx = (score + prior).topk(k, dim=1).indices.sort(dim=1).values  # + inf stays, - inf goes last
+    idx = ascending((score + prior).topk(k, dim=1).indices, T)  # + inf stays, - inf goes last
     x = x.gather(1, idx[..., None].expand(-1, -1, D))
     if cfg.sap_positions == "compact":
         pos = torch.arange(k, device=x.device).expand(B, k)
