@@ -248,6 +248,14 @@ class RelativeBias(nn.Module):
         # permuted view has stride H there and would send every layer to the slow math path.
         return bias.permute(0, 3, 1, 2).contiguous()
 
+    @staticmethod
+    def select(full, pos):
+        """The bias among the tokens at positions pos (B, k), read from the bias over all positions
+        full (1, H, S, S): equal to forward(pos, pos), but its backward adds into S x S entries
+        rather than piling B * k * k terms onto the 32 buckets. SAP's T5 step at keep 0.33 on the
+        H100: 8.68 -> 7.62 ms (1.25x -> 1.41x the unpruned step, README)."""
+        return full[0].permute(1, 2, 0)[pos[:, :, None], pos[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
 
 class T5(nn.Module):
     def __init__(self, cfg):
@@ -292,13 +300,14 @@ class T5(nn.Module):
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         pos = torch.arange(S, device=input_ids.device)[None]  # (1, S): shared by the batch
         x = self.drop(self.embed(input_ids))
-        bias = self.enc_bias(pos, pos) + key_mask(mask)  # (B, H, S, S), shared by the encoder blocks
+        full = self.enc_bias(pos, pos)
+        bias = full + key_mask(mask)  # (B, H, S, S), shared by the encoder blocks
         prune = self.cfg.keep < 1 and (self.training or self.cfg.sap_eval)
         for i, block in enumerate(self.encoder):
             if prune and i + 1 == self.cfg.prune_layer:
                 x, colsum = block(x, bias, colsum_valid=mask)
                 _, x, pos, mask = sap.prune(self.cfg, x, colsum, sap.prior_from_mask(mask), 0, pos, mask)
-                bias = self.enc_bias(pos, pos) + key_mask(mask)  # kept tokens keep their distances
+                bias = RelativeBias.select(full, pos) + key_mask(mask)  # kept tokens keep their distances
             else:
                 x = block(x, bias)
         return self.drop(self.enc_norm(x)), mask

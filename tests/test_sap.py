@@ -8,7 +8,7 @@ import torch
 import sap
 from data import Tokens
 from evaluate import EvalConfig, Prefixes, rank_items
-from model import ModelConfig, build_model
+from model import ModelConfig, RelativeBias, build_model
 
 CFG = dict(vocab_size=60, d_model=32, n_layers=4, n_decoder_layers=2, n_heads=4, head_dim=8, d_ff=64)
 
@@ -96,6 +96,26 @@ def test_prune_keeps_order_and_moves_masks_and_positions_with_tokens():
     assert torch.equal(pk, pos.expand(B, T).gather(1, idx)) and torch.equal(mk, mask.gather(1, idx))
     compact = sap.prune(dataclasses.replace(cfg, sap_positions="compact"), x, colsum, sap.prior_from_mask(mask), 0, pos)
     assert torch.equal(compact[2], torch.arange(4).expand(B, 4))
+
+
+def test_ascending_gives_the_sorted_indices_at_every_k():
+    g = torch.Generator().manual_seed(4)
+    for k in range(1, 31):
+        top = torch.randn(5, 30, generator=g).topk(k, dim=1).indices
+        assert torch.equal(sap.ascending(top, 30), top.sort(dim=1).values)
+
+
+def test_relative_bias_of_kept_tokens_equals_the_bias_of_their_positions():
+    rel = make("t5").enc_bias
+    pos = torch.stack([torch.randperm(30, generator=torch.Generator().manual_seed(i))[:12].sort().values
+                       for i in range(3)])
+    picked = RelativeBias.select(rel(torch.arange(30)[None], torch.arange(30)[None]), pos)
+    direct = rel(pos, pos)
+    assert picked.shape == (3, CFG["n_heads"], 12, 12) and torch.allclose(picked, direct)
+    w = torch.randn(direct.shape)
+    g1 = torch.autograd.grad((picked * w).sum(), rel.emb.weight)[0]
+    g2 = torch.autograd.grad((direct * w).sum(), rel.emb.weight)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)
 
 
 @pytest.mark.parametrize("score", sap.SCORES)
