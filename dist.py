@@ -51,7 +51,10 @@ def wrap(model):
     if rank_world()[1] == 1:
         return model.loss
     device = next(model.parameters()).device
-    return DistributedDataParallel(Loss(model), device_ids=[device.index] if device.type == "cuda" else None)
+    # Gradients as views of DDP's communication buckets: no copy into the buckets before each
+    # all-reduce. Qwen 0.5B shape on 2 H200s: 1.75x -> 1.85x one GPU's samples/s (README).
+    return DistributedDataParallel(Loss(model), device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 def my_batches(epoch, start, accum):
