@@ -122,9 +122,9 @@ def time_mode(arch, mode, keep, data, steps, warmup, device, label="", map_steps
     return row
 
 
-def profile(arch, mode, B, S, device, top=25):
+def profile(arch, mode, B, S, device, keep=1.0, top=25):
     """Where the time goes: the kernels of a few steps, by total CUDA time."""
-    cfg = SHAPES[arch]["cfg"]
+    cfg = dataclasses.replace(SHAPES[arch]["cfg"], keep=keep)
     model = build_model(cfg).to(device).train()
     step = Step(model, lr=1e-3, weight_decay=0.0, clip=1.0, device=device, compile=mode != "eager", graph=False)
     batch = random_batch(arch, B, S, cfg.vocab_size, device)
@@ -136,6 +136,7 @@ def profile(arch, mode, B, S, device, top=25):
         for _ in range(5):
             step(batch)
         torch.cuda.synchronize()
+    print(f"{arch} {mode} keep {keep}: the kernels of 5 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
 
 
@@ -153,7 +154,8 @@ def main(argv=None):
     p.add_argument("--layout", default="padded,buckets", help="--real batches: padded to 30 items (GRID) and/or "
                                                               "cut to train.py's length buckets")
     p.add_argument("--data-dir", default=DataConfig().data_dir, help="where --real looks for the dataset")
-    p.add_argument("--profile", default="", help="print a kernel profile of this mode (eager or compile) afterwards")
+    p.add_argument("--profile", default="", help="print a kernel profile of this mode (eager or compile) at each "
+                                                 "--keep afterwards")
     p.add_argument("--out", default="", help="write the rows as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -188,8 +190,8 @@ def main(argv=None):
                     f"{r['tflops'] or 0:6.1f} TFLOP/s peak {r['peak_mib']:8.0f} MiB "
                     f"({r['peak_mib'] / base['peak_mib'] - 1:+.0%} vs the first row) setup {r['setup_s']:.0f} s",
                     flush=True)
-        if args.profile:
-            profile(arch, args.profile, B, S, device)
+        for keep in map(float, args.keep.split(",")) if args.profile else []:
+            profile(arch, args.profile, B, S, device, keep)
     if args.out and rank == 0:
         meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, argv=sys.argv)
         json.dump(dict(meta=meta, rows=rows), open(args.out, "w"), indent=1)
