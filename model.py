@@ -43,7 +43,7 @@ class ModelConfig:
     tie_embeddings: bool = field(default=True, metadata={"help": "share the token embedding with the output projection"})
     # SAP (sap.py): prune input tokens after block `prune_layer` of the encoder (t5) or of the stack (qwen)
     keep: float = field(default=1.0, metadata={"help": "SAP retention ratio rho: fraction of input tokens kept (1 = off)"})
-    prune_layer: int = field(default=0, metadata={"help": "SAP: prune after this many blocks; 0 = t5: 2, qwen: a quarter"})
+    prune_layer: int = field(default=0, metadata={"help": "SAP: prune after this many blocks; 0 = t5: half the encoder, qwen: a quarter"})
     sap_score: str = field(default="attn_l1", metadata={"help": "SAP importance: attn_l1 (the paper), attn, l1, l2, "
                                                                 "random or stride"})
     sap_positions: str = field(default="original", metadata={"help": "SAP: kept tokens keep their original positions, "
@@ -61,7 +61,7 @@ class ModelConfig:
     def __post_init__(self):
         self.ffn = self.ffn or ("relu" if self.arch == "t5" else "swiglu")
         self.n_kv_heads = self.n_kv_heads or self.n_heads
-        self.prune_layer = self.prune_layer or (2 if self.arch == "t5" else max(1, self.n_layers // 4))
+        self.prune_layer = self.prune_layer or max(1, self.n_layers // (2 if self.arch == "t5" else 4))
         if self.arch not in ("t5", "qwen"):
             raise ValueError(f"unknown architecture '{self.arch}': use --arch t5 or --arch qwen")
         if min(self.d_model, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff) < 1 or (

@@ -1,5 +1,6 @@
 """DistributedDataParallel on the CPU: two processes on the gloo backend, as torchrun starts them."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -146,3 +147,17 @@ def test_torchrun_trains_and_a_single_process_resumes_its_run(tmp_path):
     r = subprocess.run(one, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed" in r.stdout and json.load(open(os.path.join(out, "results.json")))["steps"] == 12
+
+
+@pytest.mark.parametrize("arch", ["t5", "qwen"])
+def test_stamp_trains_under_ddp(arch, tmp_path):
+    # SAP and MAP inside DDP: every parameter gets a gradient at every step (DDP fails the step
+    # after one that left a parameter out), and pruned shapes stay static across ranks.
+    out = str(tmp_path / arch)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "train.py", *TINY, "--arch", arch, "--keep", "0.5", "--map-steps", "2", "--max-steps", "3", "--out", out]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.load(open(os.path.join(out, "results.json")))
+    assert result["steps"] == 3 and all(math.isfinite(result[k]) for k in ("recall@5", "ndcg@10"))
