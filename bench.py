@@ -162,12 +162,12 @@ def main(argv=None):
         sys.exit("bench.py times GPU steps: no CUDA device is visible")
     rank, world = dist.init()
     device = torch.device("cuda")
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = dist.say
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py does
     say(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {precision(device)[2]}"
         f"{f' | DDP over {world} GPUs, samples/s of all of them' if world > 1 else ''}")
     rows = []
-    depths = [int(d) for d in args.map_steps.split(",")]
+    keeps, depths = [float(k) for k in args.keep.split(",")], [int(d) for d in args.map_steps.split(",")]
     for arch in (["t5", "qwen"] if args.arch == "both" else [args.arch]):
         B, S = args.batch or SHAPES[arch]["batch"], args.seq or SHAPES[arch]["seq"]
         if args.real and arch == "t5":
@@ -177,7 +177,7 @@ def main(argv=None):
             sets = {"random": ([random_batch(arch, B, S, SHAPES[arch]["cfg"].vocab_size, device, map_steps=max(depths))],
                                SHAPES[arch]["cfg"].vocab_size)}
         for label, (data, vocab) in sets.items():
-            for mode, keep, d in itertools.product(args.modes.split(","), map(float, args.keep.split(",")), depths):
+            for mode, keep, d in itertools.product(args.modes.split(","), keeps, depths):
                 # a model with d MAP depths reads the first d of the batch's targets (none when d is 0)
                 cut = [{k: v[:, :d] if k.startswith("map") else v for k, v in b.items() if d or not k.startswith("map")}
                        for b in data]
@@ -190,7 +190,7 @@ def main(argv=None):
                     f"{r['tflops'] or 0:6.1f} TFLOP/s peak {r['peak_mib']:8.0f} MiB "
                     f"({r['peak_mib'] / base['peak_mib'] - 1:+.0%} vs the first row) setup {r['setup_s']:.0f} s",
                     flush=True)
-        for keep in map(float, args.keep.split(",")) if args.profile else []:
+        for keep in keeps if args.profile else []:
             profile(arch, args.profile, B, S, device, keep)
     if args.out and rank == 0:
         meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, argv=sys.argv)

@@ -79,6 +79,12 @@ def mean_over_ranks(means, n):
     return {k: (t[i] / t[-1]).item() for i, k in enumerate(means)}
 
 
+def say(*args, **kwargs):
+    """print, on rank 0 only."""
+    if rank_world()[0] == 0:
+        print(*args, **kwargs)
+
+
 def barrier():
     if rank_world()[1] > 1:
         D.barrier()

@@ -73,7 +73,7 @@ def importance(kind, x, colsum, valid, keep, causal_norm=False):
 def ascending(top, T):
     """The same (B, k) indices into T tokens, in ascending order, without a sort: mark the kept
     tokens, number them by a running count and scatter each index to its slot. (A sort compiles to
-    Triton's bitonic sort, which ptxas took minutes to hours to build at some k on the H100.)"""
+    Triton's bitonic sort, which ptxas took more than 4 minutes to build at some k on the H100.)"""
     B, k = top.shape
     kept = torch.zeros(B, T, dtype=torch.bool, device=top.device).scatter(1, top, True)
     slot = (kept.cumsum(1) - 1).masked_fill(~kept, k)  # dropped tokens all go to a spare slot k

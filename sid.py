@@ -89,6 +89,15 @@ def load_encoder(name: str, device: str):
     return SentenceTransformer(name, device=device)
 
 
+def publish(path, write):
+    """Write a cache file under a temporary name, then rename it into place: a reader never sees a
+    half-written file, and torchrun's ranks, which may all write it at once, each use their own name."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.{os.getpid()}.tmp{ext}"  # the real extension last: np.save would append .npy
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def embed_items(ds: Dataset, cfg: SIDConfig) -> np.ndarray:
     """(n_items, D) unit-norm float32 text embeddings, computed once per (dataset, encoder, fields,
     texts) and then read from cache_dir. Synthetic data carries its own."""
@@ -113,9 +122,7 @@ def embed_items(ds: Dataset, cfg: SIDConfig) -> np.ndarray:
                        convert_to_numpy=True, show_progress_bar=True).astype(np.float32)
     print(f"embeddings: {time.time() - t0:.1f} s, cached to {path}")
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npy"  # one per process: torchrun's ranks may all write it at once
-    np.save(tmp, emb)
-    os.replace(tmp, path)
+    publish(path, lambda tmp: np.save(tmp, emb))
     return emb
 
 
@@ -447,8 +454,7 @@ def build_sids(ds: Dataset, cfg: SIDConfig) -> SIDTable:
     config = {**asdict(cfg), "dataset": ds.name, "n_items": ds.n_items, "embedding_dim": emb.shape[1]}
     stats = {"reconstruction_cosine": round(cosine, 4), "embed_s": round(t1 - t0, 2), "quantise_s": round(t2 - t1, 2)}
     table = _finish(codes.cpu().numpy().astype(np.int64), [cfg.codebook_size] * cfg.levels, config, stats)
-    table.save(f"{path}.{os.getpid()}.tmp")  # one per process: torchrun's ranks may all write it at once
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    publish(path, table.save)
     return table
 
 

@@ -304,7 +304,7 @@ def train(cfgs):
         check_resumable(ck, cfgs, last)
     rank, world = dist.init()
     lead = rank == 0  # only rank 0 prints and writes
-    say = print if lead else (lambda *a, **k: None)
+    say = dist.say
     run = setup(cfgs, verbose=lead)
     if world > 1:  # the same initial weights everywhere (DDP broadcasts rank 0's anyway), but each rank its own dropout
         torch.manual_seed(tc.seed * 1000 + rank)
