@@ -8,6 +8,7 @@ index tensors (`Prefixes.child[l][p, c]`: the prefix that code c extends prefix 
 """
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -174,8 +175,13 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--beam", type=int, default=None, help="beam width (default: the run's)")
     p.add_argument("--data-dir", default=None, help="where the run's dataset is (default: where it was trained)")
+    p.add_argument("--sap-eval", action="store_true", help="SAP: prune at evaluation too, at the run's --keep "
+                                                           "(a run trained with SAP evaluates unpruned by default)")
     args = p.parse_args(argv)
     run = load_run(args.run, torch.device(args.device), data_dir=args.data_dir)
+    if args.sap_eval and run.model.cfg.keep >= 1:
+        sys.exit(f"--sap-eval: {args.run} was trained with --keep 1 (no pruning); use a run trained with --keep < 1")
+    run.model.cfg.sap_eval = run.model.cfg.sap_eval or args.sap_eval
     cfg = run.eval_cfg if args.beam is None else EvalConfig(args.beam, run.eval_cfg.eval_batch)
     for part in ("valid", "test"):
         sp = run.split

@@ -39,12 +39,29 @@ def test_resume_continues_at_the_same_step_with_the_same_next_loss(tmp_path):
     assert a[-1]["loss"] == b[-1]["loss"] and a[-1]["valid"] == b[-1]["valid"]
 
 
-def test_sap_and_map_train_and_log_each_depth(tmp_path):
+def test_sap_and_map_train_and_log_each_depth(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "stamp")
     main(TINY + ["--max-steps", "4", "--eval-every", "4", "--keep", "0.5", "--prune-layer", "1",
                  "--map-steps", "2", "--out", out])
     rec = log(out)[-1]
     assert {"loss", "loss_main", "loss_map1", "acc_map1", "loss_map2", "acc_map2"} <= set(rec)
+    # evaluate.py measures the same run both ways: unpruned (the default) and pruned (--sap-eval)
+    import evaluate
+    res, pruned, real = json.load(open(os.path.join(out, "results.json"))), [], evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, *a: pruned.append(model.cfg.sap_eval) or real(model, *a))
+    capsys.readouterr()
+    for flags in ([], ["--sap-eval"]):
+        evaluate_main([out, "--device", "cpu", "--data-dir", str(tmp_path), *flags])
+        test = capsys.readouterr().out.splitlines()[-1]
+        assert "users/s" in test and (flags or test.startswith(f"test: recall@5 {res['recall@5']:.4f}"))
+    assert pruned == [False, False, True, True]  # valid and test, without then with pruning
+
+
+def test_sap_eval_refuses_a_run_trained_without_sap(tmp_path):
+    out = str(tmp_path / "run")
+    main(TINY + ["--max-steps", "2", "--eval-every", "2", "--out", out])
+    with pytest.raises(SystemExit, match="trained with --keep 1"):
+        evaluate_main([out, "--device", "cpu", "--data-dir", str(tmp_path), "--sap-eval"])
 
 
 def test_an_existing_run_is_never_overwritten_by_accident(tmp_path, capsys):
