@@ -90,6 +90,12 @@ def barrier():
         D.barrier()
 
 
-def close():
+def close(together=True):
+    """Leave the process group, after a barrier when all ranks got here: a rank that tears gloo down
+    while its peer is still in its last collective can abort the peer ("terminate called without an
+    active exception", seen once in the CPU test of two ranks). After an error, leave at once: the
+    other ranks may never come."""
     if D.is_available() and D.is_initialized():
+        if together:
+            D.barrier()
         D.destroy_process_group()

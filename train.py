@@ -465,12 +465,14 @@ def finish(run, out, state):
 
 
 def main(argv=None):
+    done = False
     try:
         train(parse_args(argv))
+        done = True
     except (ValueError, FileNotFoundError, TrainingError) as e:
         sys.exit(f"error: {e}")
     finally:
-        dist.close()
+        dist.close(together=done)
 
 
 if __name__ == "__main__":
