@@ -179,9 +179,10 @@ def main(argv=None):
                                                            "(a run trained with SAP evaluates unpruned by default)")
     args = p.parse_args(argv)
     run = load_run(args.run, torch.device(args.device), data_dir=args.data_dir)
-    if args.sap_eval and run.model.cfg.keep >= 1:
-        sys.exit(f"--sap-eval: {args.run} was trained with --keep 1 (no pruning); use a run trained with --keep < 1")
-    run.model.cfg.sap_eval = run.model.cfg.sap_eval or args.sap_eval
+    if args.sap_eval:
+        if run.model.cfg.keep >= 1:
+            sys.exit(f"--sap-eval: {args.run} was trained with --keep 1 (no pruning); use a run trained with --keep < 1")
+        run.model.cfg.sap_eval = True
     cfg = run.eval_cfg if args.beam is None else EvalConfig(args.beam, run.eval_cfg.eval_batch)
     for part in ("valid", "test"):
         sp = run.split

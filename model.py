@@ -489,7 +489,7 @@ class Qwen(nn.Module):
         if at is None:
             return h
         if index is not None:  # kept indices are ascending: find where each wanted position went
-            at = torch.searchsorted(index.contiguous(), at)
+            at = torch.searchsorted(index, at)
         return h.gather(1, at[..., None].expand(-1, -1, h.size(-1)))
 
     def head(self, h):

@@ -78,7 +78,8 @@ def ascending(top, T):
     kept = torch.zeros(B, T, dtype=torch.bool, device=top.device).scatter(1, top, True)
     slot = (kept.cumsum(1) - 1).masked_fill(~kept, k)  # dropped tokens all go to a spare slot k
     every = torch.arange(T, device=top.device).expand(B, T)
-    return torch.zeros(B, k + 1, dtype=torch.long, device=top.device).scatter(1, slot, every)[:, :k]
+    slots = torch.zeros(B, k + 1, dtype=torch.long, device=top.device).scatter(1, slot, every)
+    return slots[:, :k].contiguous()  # one block, as searchsorted (Qwen's `at`) wants it
 
 
 def prune(cfg, x, colsum, prior, fixed, pos, *others):
