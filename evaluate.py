@@ -7,6 +7,7 @@ index tensors (`Prefixes.child[l][p, c]`: the prefix that code c extends prefix 
 -1), so each decoding step is one gather and one mask: beams only ever reach real items.
 """
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -25,8 +26,13 @@ class EvalConfig:
     beam: int = field(default=10, metadata={"help": "beam width of the constrained beam search (top-K returned)"})
     eval_batch: int = field(default=1024, metadata={"help": "users decoded at once (lower it if evaluation runs out "
                                                              "of GPU memory)"})
+    beam_norm: str = field(default="vocab", metadata={"help": "each code's probability in a beam's score: softmax over "
+                                                              "the whole vocabulary, its level's codes (level), or the "
+                                                              "codes that lead to an item (valid, as GRID)"})
 
     def __post_init__(self):
+        if self.beam_norm not in ("vocab", "level", "valid"):
+            raise ValueError(f"unknown --beam-norm '{self.beam_norm}': use vocab, level or valid")
         if self.beam < 1 or self.eval_batch < 1:
             raise ValueError(f"--beam {self.beam} and --eval-batch {self.eval_batch} must be at least 1: the beam is "
                              "the number of items returned per user (10 for Recall@10)")
@@ -69,25 +75,31 @@ class Prefixes:
 
 
 @torch.no_grad()
-def beam_search(decoding, prefixes, offsets, beam):
-    """Top-`beam` items per user by the model's log-probability of their full SID (each code's
-    log-softmax over the whole vocabulary, invalid continuations masked). Returns (B, beam) items
-    (-1 where the catalogue has fewer items than the beam) and their scores."""
-    logp = decoding.start().float().log_softmax(-1)[:, None]  # (B, 1, V): one beam per user
-    B = logp.size(0)
-    prefix = torch.zeros(B, 1, dtype=torch.long, device=logp.device)
-    score = torch.zeros(B, 1, device=logp.device)
+def beam_search(decoding, prefixes, offsets, beam, norm="vocab"):
+    """Top-`beam` items per user by the model's log-probability of their full SID: the sum of each
+    code's log-softmax over the whole vocabulary (norm vocab), over its level's codes (level) or over
+    the codes that continue the prefix to a real item (valid); invalid continuations are masked.
+    Returns (B, beam) items (-1 where the catalogue has fewer items than the beam) and their scores."""
+    logits = decoding.start().float()[:, None]  # (B, 1, V): one beam per user
+    B = logits.size(0)
+    prefix = torch.zeros(B, 1, dtype=torch.long, device=logits.device)
+    score = torch.zeros(B, 1, device=logits.device)
     for l, child in enumerate(prefixes.child):
         size = child.size(1)
         nxt = child[prefix.clamp(min=0)]  # (B, k, size): where each code leads, -1 = no item
-        cand = (score[..., None] + logp[..., offsets[l]:offsets[l] + size]).masked_fill(nxt < 0, -math.inf)
+        logp = (logits.log_softmax(-1) if norm == "vocab" else logits)[..., offsets[l]:offsets[l] + size]
+        if norm == "valid":  # every prefix has a valid continuation, so no row is all -inf
+            logp = logp.masked_fill(nxt < 0, -math.inf)
+        if norm != "vocab":
+            logp = logp.log_softmax(-1)
+        cand = (score[..., None] + logp).masked_fill(nxt < 0, -math.inf)
         k = cand.size(1)
         score, idx = cand.flatten(1).topk(min(beam, k * size), dim=1)  # (B, k')
         prefix = nxt.flatten(1).gather(1, idx).masked_fill(score == -math.inf, -1)
         if l + 1 < len(prefixes.child):
             rows = (torch.arange(B, device=idx.device)[:, None] * k + idx // size).flatten()
             tokens = (offsets[l] + idx % size).flatten()
-            logp = decoding.step(rows, tokens).float().log_softmax(-1).view(B, -1, logp.size(-1))
+            logits = decoding.step(rows, tokens).float().view(B, -1, logits.size(-1))
     items = prefixes.item[prefix.clamp(min=0)].masked_fill(prefix < 0, -1)
     return items, score
 
@@ -146,7 +158,7 @@ def rank_items(model, tokens, prefixes, hist, length, cfg, dtype=None):
             decoding = QwenDecoding
             batch = tokens.qwen_prompt(h, length[chunk])
         with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
-            items, _ = beam_search(decoding(model, batch), prefixes, tokens.offsets, cfg.beam)
+            items, _ = beam_search(decoding(model, batch), prefixes, tokens.offsets, cfg.beam, cfg.beam_norm)
         ranked[chunk, :items.size(1)] = items
     return ranked
 
@@ -174,6 +186,7 @@ def main(argv=None):
     p.add_argument("run", help="run folder written by train.py (out/<run>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--beam", type=int, default=None, help="beam width (default: the run's)")
+    p.add_argument("--beam-norm", default=None, help="vocab, level or valid (default: the run's; see train.py --help)")
     p.add_argument("--data-dir", default=None, help="where the run's dataset is (default: where it was trained)")
     p.add_argument("--sap-eval", action="store_true", help="SAP: prune at evaluation too, at the run's --keep "
                                                            "(a run trained with SAP evaluates unpruned by default)")
@@ -183,7 +196,8 @@ def main(argv=None):
         if run.model.cfg.keep >= 1:
             sys.exit(f"--sap-eval: {args.run} was trained with --keep 1 (no pruning); use a run trained with --keep < 1")
         run.model.cfg.sap_eval = True
-    cfg = run.eval_cfg if args.beam is None else EvalConfig(args.beam, run.eval_cfg.eval_batch)
+    cfg = dataclasses.replace(run.eval_cfg, **{k: v for k, v in (("beam", args.beam), ("beam_norm", args.beam_norm))
+                                               if v is not None})
     for part in ("valid", "test"):
         sp = run.split
         hist, length, target = (getattr(sp, f"{part}_{x}") for x in ("hist", "len", "target"))

@@ -14,7 +14,13 @@ depth d-1's state. Heads run only in the loss: generation never calls them.
 
 Future items come only from the training part of each user's sequence (never the validation or
 test item); where none exists the labels are -100 and the position is ignored.
+
+`objective` is the whole training loss of both models, MAP or not; `code_logits` normalises each
+code over the whole vocabulary or, with --level-softmax, over its own level's codes.
 """
+import itertools
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -74,7 +80,7 @@ def losses(model, h, batch):
     stats = {}
     total = 0.0
     for d, x in enumerate(model.map(h, model.embed, batch["map_dec"]), start=1):
-        logits = model.head(x).float().flatten(0, 1)
+        logits = code_logits(model, x).flatten(0, 1)
         labels = batch["map_labels"][:, d - 1].flatten()
         n = (labels != IGNORE).sum().clamp(min=1)  # a batch may have no future at this depth
         nll = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum") / n
@@ -82,3 +88,28 @@ def losses(model, h, batch):
         stats[f"acc_map{d}"] = ((logits.argmax(-1) == labels).sum() / n).detach()
         total = total + nll
     return total / model.cfg.map_steps, stats
+
+
+def code_logits(model, h):
+    """Float32 logits of the states h (..., L, D) that predict an item's L codes: over the whole
+    vocabulary, or with --level-softmax over column l's own codes at position l (GRID's per-level heads)."""
+    logits, sizes = model.head(h).float(), model.cfg.code_sizes
+    if model.cfg.level_softmax:  # column l owns tokens [edges[l], edges[l + 1]); the special tokens come first
+        if not sizes:
+            raise ValueError("--level-softmax needs ModelConfig.code_sizes (train.py sets them from the SID table)")
+        edges = list(itertools.accumulate(sizes, initial=model.cfg.vocab_size - sum(sizes)))
+        t = torch.arange(logits.size(-1), device=logits.device)
+        own = torch.stack([(t >= lo) & (t < hi) for lo, hi in zip(edges, edges[1:])])  # (L, V)
+        logits = logits.masked_fill(~own, -math.inf)
+    return logits
+
+
+def objective(model, h, batch):
+    """Training loss from the states h (B, L, D) that predict the target's L codes: the next-SID NLL,
+    plus lambda times MAP's mean over depths. -> (loss, detached statistics for the log)"""
+    main = F.cross_entropy(code_logits(model, h).flatten(0, 1), batch["labels"].flatten())
+    stats = {"loss_main": main.detach()}
+    if model.map is None:
+        return main, stats
+    aux, aux_stats = losses(model, h, batch)
+    return main + model.cfg.map_weight * aux, {**stats, **aux_stats}

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sap
-from map import Heads, losses as map_losses
+from map import Heads, objective
 
 
 @dataclass
 class ModelConfig:
     arch: str = field(default="t5", metadata={"help": "t5 (encoder-decoder) or qwen (decoder-only)"})
     vocab_size: int = field(default=1030, metadata={"help": "token vocabulary (set from the SID table)"})
+    code_sizes: list = field(default_factory=list, metadata={"help": "codes per SID column (set from the SID table)"})
     d_model: int = field(default=128, metadata={"help": "hidden size"})
     n_layers: int = field(default=4, metadata={"help": "encoder blocks (t5) or blocks (qwen)"})
     n_decoder_layers: int = field(default=4, metadata={"help": "decoder blocks (t5 only)"})
@@ -33,6 +34,8 @@ class ModelConfig:
     n_kv_heads: int = field(default=0, metadata={"help": "key/value heads for GQA (qwen); 0 = n_heads"})
     head_dim: int = field(default=64, metadata={"help": "size of one attention head"})
     d_ff: int = field(default=1024, metadata={"help": "feed-forward hidden size"})
+    ff_layers: int = field(default=1, metadata={"help": "hidden layers of a relu feed-forward (GRID's mlp_layers: 2)"})
+    ff_bias: bool = field(default=False, metadata={"help": "biases in the feed-forward (GRID's multi-layer MLP has them)"})
     ffn: str = field(default="", metadata={"help": "relu | gated-gelu | swiglu; empty = t5: relu, qwen: swiglu"})
     dropout: float = field(default=0.15, metadata={"help": "dropout on embeddings, attention and residual branches"})
     norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
@@ -41,6 +44,8 @@ class ModelConfig:
     rope_theta: float = field(default=1e6, metadata={"help": "qwen RoPE base"})
     qkv_bias: bool = field(default=True, metadata={"help": "qwen: biases on the q/k/v projections, as in Qwen2"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share the token embedding with the output projection"})
+    level_softmax: bool = field(default=False, metadata={"help": "train each code's softmax over its own level's codes "
+                                                                 "(GRID's per-level heads), not the whole vocabulary"})
     # SAP (sap.py): prune input tokens after block `prune_layer` of the encoder (t5) or of the stack (qwen)
     keep: float = field(default=1.0, metadata={"help": "SAP retention ratio rho: fraction of input tokens kept (1 = off)"})
     prune_layer: int = field(default=0, metadata={"help": "SAP: prune after this many blocks; 0 = t5: half the encoder, qwen: a quarter"})
@@ -64,7 +69,7 @@ class ModelConfig:
         self.prune_layer = self.prune_layer or max(1, self.n_layers // (2 if self.arch == "t5" else 4))
         if self.arch not in ("t5", "qwen"):
             raise ValueError(f"unknown architecture '{self.arch}': use --arch t5 or --arch qwen")
-        if min(self.d_model, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff) < 1 or (
+        if min(self.d_model, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.ff_layers) < 1 or (
                 self.arch == "t5" and self.n_decoder_layers < 1):
             raise ValueError("--d-model, --n-layers, --n-decoder-layers, --n-heads, --head-dim and --d-ff must be at least 1")
         if self.n_heads % self.n_kv_heads:
@@ -110,12 +115,13 @@ class FeedForward(nn.Module):
     """relu: down(relu(up x)) as in T5; gated-gelu (T5 v1.1) and swiglu (Qwen): down(act(gate x) * up x).
     Gate and up are one matrix product (one launch), split afterwards."""
 
-    def __init__(self, d_model, d_ff, kind, dropout, bias=False):
+    def __init__(self, d_model, d_ff, kind, dropout, bias=False, layers=1):
         super().__init__()
-        if kind not in ("relu", "gated-gelu", "swiglu"):
-            raise ValueError(f"unknown feed-forward '{kind}': use relu, gated-gelu or swiglu")
+        if kind not in ("relu", "gated-gelu", "swiglu") or (layers > 1 and kind != "relu"):
+            raise ValueError(f"unknown feed-forward '{kind}' of {layers} layers: use relu, or gated-gelu or swiglu of one")
         self.kind = kind
         self.up = nn.Linear(d_model, d_ff * (1 if kind == "relu" else 2), bias=bias)
+        self.mid = nn.ModuleList(nn.Linear(d_ff, d_ff, bias=bias) for _ in range(layers - 1))  # GRID's deeper MLP
         self.down = nn.Linear(d_ff, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 
@@ -127,6 +133,8 @@ class FeedForward(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             act = F.silu if self.kind == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
             h = act(gate) * up
+        for layer in self.mid:
+            h = F.relu(layer(self.drop(h)))
         return self.down(self.drop(h))
 
 
@@ -192,7 +200,7 @@ class Block(nn.Module):
         if cross:
             self.norm_x, self.cross = RMSNorm(cfg.d_model, cfg.norm_eps), attn(True)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.dropout, cfg.ff_bias, cfg.ff_layers)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask=None, causal=False, rope=None, memory=None, memory_mask=None, cache=None,
@@ -291,7 +299,8 @@ class T5(nn.Module):
                 nn.init.normal_(kv, std=d ** -0.5)
                 nn.init.normal_(attn.o.weight, std=(H * hd) ** -0.5)
             nn.init.normal_(block.ffn.up.weight, std=d ** -0.5)
-            nn.init.normal_(block.ffn.down.weight, std=self.cfg.d_ff ** -0.5)
+            for w in [layer.weight for layer in block.ffn.mid] + [block.ffn.down.weight]:
+                nn.init.normal_(w, std=self.cfg.d_ff ** -0.5)
 
     def encode(self, input_ids, attention_mask=None):
         """(B, S) tokens -> encoder output (B, S', D) and its key mask (B, S'). S' = S unless SAP
@@ -554,17 +563,6 @@ def map_heads(cfg):
     if not cfg.map_steps:
         return None
     return Heads(cfg, lambda: Block(cfg, cfg.head_dim ** -0.5), lambda: RMSNorm(cfg.d_model, cfg.norm_eps))
-
-
-def objective(model, h, batch):
-    """Training loss from the states h (B, L, D) that predict the target's L codes: the next-SID NLL,
-    plus lambda times MAP's mean over depths. -> (loss, detached statistics for the log)"""
-    main = F.cross_entropy(model.head(h).flatten(0, 1).float(), batch["labels"].flatten())
-    stats = {"loss_main": main.detach()}
-    if model.map is None:
-        return main, stats
-    aux, aux_stats = map_losses(model, h, batch)
-    return main + model.cfg.map_weight * aux, {**stats, **aux_stats}
 
 
 def build_model(cfg):

@@ -115,7 +115,7 @@ CONFIGS = {"data": DataConfig, "sid": SIDConfig, "model": ModelConfig, "train": 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, cls in CONFIGS.items():
-        add_arguments(p.add_argument_group(name), cls, skip=("vocab_size",))
+        add_arguments(p.add_argument_group(name), cls, skip=("vocab_size", "code_sizes"))
     # Model sizes and the fields of a recipe default per preset and architecture (PRESETS): None marks
     # "not given on the command line".
     unset = {f.name for f in dataclasses.fields(ModelConfig) if f.name != "arch"} | {k for r in PRESETS.values() for k in r}
@@ -131,6 +131,8 @@ def parse_args(argv=None):
         names = {f.name for f in dataclasses.fields(cls)}
         given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
         cfgs[name] = cls(**{**{k: v for k, v in recipe.items() if k in names}, **given})
+    if cfgs["model"].level_softmax and cfgs["eval"].beam_norm == "vocab":
+        raise ValueError("--level-softmax leaves scores across levels untrained: add --beam-norm level or valid")
     return cfgs
 
 
@@ -176,7 +178,7 @@ def setup(cfgs, table=None, verbose=True):
     say(describe_sids(table))
     tokens = Tokens(table.codes, table.sizes, device, sep=tc.sep)
     prefixes = Prefixes(table.codes, table.sizes, device)
-    mc.vocab_size = tokens.vocab_size
+    mc.vocab_size, mc.code_sizes = tokens.vocab_size, list(tokens.sizes)
     model = build_model(mc).to(device)
     n = sum(p.numel() for p in model.parameters())
     attn = ("memory-efficient SDPA with the relative-position bias as a float mask" if mc.arch == "t5"
@@ -240,10 +242,10 @@ def checkpoint(run, step, state, sums, loss_n):
 
 
 # On --resume these must be as in the checkpoint: they decide the data, the model's shape and its inputs.
-# Not data_dir (the same data may live elsewhere), nor vocab_size (the SID table's fingerprint decides it).
+# Not data_dir (the same data may live elsewhere), nor vocab_size and code_sizes (the SID table's fingerprint decides them).
 MUST_MATCH = [("train", "preset"), ("train", "sep")] + [
     (group, f.name) for group, cls in (("data", DataConfig), ("model", ModelConfig))
-    for f in dataclasses.fields(cls) if f.name not in ("data_dir", "vocab_size")]
+    for f in dataclasses.fields(cls) if f.name not in ("data_dir", "vocab_size", "code_sizes")]
 
 
 def check_resumable(ck, cfgs, path):

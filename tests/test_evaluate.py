@@ -42,10 +42,23 @@ def test_prefixes_only_lead_to_real_items():
     assert (p.child[1] >= 0).sum() == len({tuple(r[:2]) for r in CODES})
 
 
-def brute_force(model, tokens, hist, length):
+def allowed(tokens, norm):
+    """(n, L, V) bool: the tokens each item's code l is normalised over, for --beam-norm `norm`."""
+    n, L, V = len(CODES), tokens.n_codes, tokens.vocab_size
+    out = torch.full((n, L, V), norm == "vocab")
+    for i, sid in enumerate(CODES):
+        for l in range(L if norm != "vocab" else 0):
+            for c in range(SIZES[l]):
+                leads = any((other[:l] == sid[:l]).all() and other[l] == c for other in CODES)
+                out[i, l, tokens.offsets[l] + c] = norm == "level" or (norm == "valid" and leads)
+    return out
+
+
+def brute_force(model, tokens, hist, length, norm="vocab"):
     """Log-probability of every item's full SID, scored by teacher forcing."""
     n, L = len(CODES), tokens.n_codes
     items = torch.arange(n)
+    own = allowed(tokens, norm)
     scores = []
     for h, ln in zip(hist, length):
         hh = h[None].expand(n, -1)
@@ -58,14 +71,15 @@ def brute_force(model, tokens, hist, length):
             ids = torch.cat([ids, tokens.item_tokens[items][:, :-1]], 1)
             mask = torch.cat([mask, torch.ones(n, L - 1, dtype=torch.bool)], 1)
             logits = model(ids, mask)[:, -L:]
-        lp = logits.log_softmax(-1).gather(2, tokens.item_tokens[items][..., None]).squeeze(-1)
+        lp = logits.masked_fill(~own, -math.inf).log_softmax(-1).gather(2, tokens.item_tokens[items][..., None]).squeeze(-1)
         scores.append(lp.sum(1))
     return torch.stack(scores)
 
 
 @pytest.mark.parametrize("arch", ["t5", "qwen"])
 @pytest.mark.parametrize("beam", [12, 16])
-def test_wide_beam_equals_scoring_every_item(arch, beam):
+@pytest.mark.parametrize("norm", ["vocab", "level", "valid"])
+def test_wide_beam_equals_scoring_every_item(arch, beam, norm):
     torch.manual_seed(0)
     tokens = Tokens(CODES, SIZES)
     cfg = ModelConfig(arch=arch, vocab_size=tokens.vocab_size, d_model=32, n_layers=2, n_decoder_layers=2, n_heads=2,
@@ -75,9 +89,9 @@ def test_wide_beam_equals_scoring_every_item(arch, beam):
         model.lm_head.weight.mul_(8.0)
     hist = torch.tensor([[3, 5, 1, -1], [0, -1, -1, -1], [11, 10, 9, 8], [2, 2, -1, -1]])
     length = (hist >= 0).sum(1)
-    ranked = rank_items(model, tokens, Prefixes(CODES, SIZES), hist, length, EvalConfig(beam=beam, eval_batch=3))
+    ranked = rank_items(model, tokens, Prefixes(CODES, SIZES), hist, length, EvalConfig(beam, 3, norm))
     with torch.no_grad():
-        expected = brute_force(model, tokens, hist, length).argsort(1, descending=True)
+        expected = brute_force(model, tokens, hist, length, norm).argsort(1, descending=True)
     assert torch.equal(ranked[:, :12], expected)
     assert (ranked[:, 12:] == -1).all()  # a beam wider than the catalogue pads with -1
 

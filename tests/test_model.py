@@ -3,6 +3,8 @@
 Each case builds a small random Hugging Face model (eager attention, the reference math), perturbs
 every weight so that a norm left at one or a bias left at zero cannot hide a copying mistake,
 copies it with `from_hf` and compares logits, greedy decoding and gradients."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,11 +163,11 @@ def test_qwen_cache_equals_full_forward():
     assert rel_err(torch.cat(parts, 1), full) < TOL
 
 
-@pytest.mark.parametrize("arch", ["t5", "qwen"])
-def test_backward_gives_finite_gradients_everywhere(arch):
+@pytest.mark.parametrize("arch,ff", [("t5", {}), ("qwen", {}), ("t5", dict(ff_layers=2, ff_bias=True))])
+def test_backward_gives_finite_gradients_everywhere(arch, ff):
     torch.manual_seed(0)
     cfg = ModelConfig(arch=arch, vocab_size=60, d_model=32, n_layers=3, n_decoder_layers=2, n_heads=4,
-                      n_kv_heads=2 if arch == "qwen" else 0, head_dim=8, d_ff=64, dropout=0.1)
+                      n_kv_heads=2 if arch == "qwen" else 0, head_dim=8, d_ff=64, dropout=0.1, **ff)
     m = build_model(cfg).train()
     ids = torch.randint(1, 60, (4, 20))
     mask = torch.ones_like(ids)
@@ -180,3 +182,39 @@ def test_backward_gives_finite_gradients_everywhere(arch):
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture 'bert': use --arch t5 or --arch qwen"):
         build_model(ModelConfig(arch="bert"))
+
+
+def test_grid_feed_forward_shape():
+    """GRID's mlp_layers 2: d -> d_ff -> d_ff -> d, each with a bias, in every block."""
+    m = build_model(ModelConfig(arch="t5", vocab_size=60, d_model=32, d_ff=64, ff_layers=2, ff_bias=True))
+    one = build_model(ModelConfig(arch="t5", vocab_size=60, d_model=32, d_ff=64))
+    per_block = (64 * 64 + 64) + 64 + 32  # the middle layer, and the biases of up and down
+    assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in one.parameters()) == 8 * per_block
+    with pytest.raises(ValueError, match="use relu"):
+        build_model(ModelConfig(arch="qwen", vocab_size=60, ff_layers=2))
+
+
+@pytest.mark.parametrize("arch", ["t5", "qwen"])
+def test_level_softmax_normalises_over_each_levels_codes(arch):
+    """--level-softmax: the loss at code position l is the cross-entropy over column l's tokens alone."""
+    from data import Tokens
+    torch.manual_seed(0)
+    codes, sizes = [[0, 1, 0], [2, 3, 0], [1, 1, 1], [3, 0, 0]], [4, 4, 2]
+    tokens = Tokens(codes, sizes)
+    cfg = ModelConfig(arch=arch, vocab_size=tokens.vocab_size, code_sizes=sizes, level_softmax=True, d_model=32,
+                      n_layers=2, n_decoder_layers=2, n_heads=2, head_dim=16, d_ff=64, dropout=0.0)
+    m = build_model(cfg)
+    hist, length, target = torch.tensor([[0, 1, -1], [2, 3, 1]]), torch.tensor([2, 3]), torch.tensor([3, 2])
+    batch = tokens.t5(hist, target) if arch == "t5" else tokens.qwen(hist, length, target)
+    if arch == "t5":
+        logits = m(batch["enc"], batch["enc_mask"], batch["dec"])
+    else:
+        logits = m(batch["ids"]).gather(1, batch["pred_pos"][..., None].expand(-1, -1, cfg.vocab_size))
+    want = torch.stack([torch.nn.functional.cross_entropy(
+        logits[:, l, tokens.offsets[l]:tokens.offsets[l] + sizes[l]], batch["labels"][:, l] - tokens.offsets[l])
+        for l in range(3)]).mean()
+    loss, _ = m.loss(batch)
+    assert torch.allclose(loss, want, atol=1e-6)
+    plain = build_model(dataclasses.replace(cfg, level_softmax=False))
+    plain.load_state_dict(m.state_dict())
+    assert plain.loss(batch)[0] > loss  # the same weights: the whole vocabulary only adds competitors
