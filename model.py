@@ -71,7 +71,10 @@ class ModelConfig:
             raise ValueError(f"unknown architecture '{self.arch}': use --arch t5 or --arch qwen")
         if min(self.d_model, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.ff_layers) < 1 or (
                 self.arch == "t5" and self.n_decoder_layers < 1):
-            raise ValueError("--d-model, --n-layers, --n-decoder-layers, --n-heads, --head-dim and --d-ff must be at least 1")
+            raise ValueError("--d-model, --n-layers, --n-decoder-layers, --n-heads, --head-dim, --d-ff and --ff-layers "
+                             "must be at least 1")
+        if self.ff_layers > 1 and self.ffn != "relu":
+            raise ValueError(f"--ff-layers {self.ff_layers} needs --ffn relu (GRID's MLP), not {self.ffn}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"--n-heads {self.n_heads} is not a multiple of --n-kv-heads {self.n_kv_heads}: each kv head "
                              "serves a whole group of query heads (e.g. 6 and 2)")
@@ -117,8 +120,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model, d_ff, kind, dropout, bias=False, layers=1):
         super().__init__()
-        if kind not in ("relu", "gated-gelu", "swiglu") or (layers > 1 and kind != "relu"):
-            raise ValueError(f"unknown feed-forward '{kind}' of {layers} layers: use relu, or gated-gelu or swiglu of one")
+        if kind not in ("relu", "gated-gelu", "swiglu"):
+            raise ValueError(f"unknown feed-forward '{kind}': use relu, gated-gelu or swiglu")
         self.kind = kind
         self.up = nn.Linear(d_model, d_ff * (1 if kind == "relu" else 2), bias=bias)
         self.mid = nn.ModuleList(nn.Linear(d_ff, d_ff, bias=bias) for _ in range(layers - 1))  # GRID's deeper MLP

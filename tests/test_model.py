@@ -190,8 +190,8 @@ def test_grid_feed_forward_shape():
     one = build_model(ModelConfig(arch="t5", vocab_size=60, d_model=32, d_ff=64))
     per_block = (64 * 64 + 64) + 64 + 32  # the middle layer, and the biases of up and down
     assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in one.parameters()) == 8 * per_block
-    with pytest.raises(ValueError, match="use relu"):
-        build_model(ModelConfig(arch="qwen", vocab_size=60, ff_layers=2))
+    with pytest.raises(ValueError, match="needs --ffn relu"):
+        ModelConfig(arch="qwen", ff_layers=2)
 
 
 @pytest.mark.parametrize("arch", ["t5", "qwen"])

@@ -52,7 +52,11 @@ BAD_FLAGS = [
     (["--max-items", "0"], r"^error: --max-items 0 is below 1: a sample needs a history"),
     (["--resume", "--overwrite"], r"^error: --resume and --overwrite contradict each other: pass one of them$"),
     (["--n-heads", "4", "--n-kv-heads", "3"], r"^error: --n-heads 4 is not a multiple of --n-kv-heads 3: each kv head"),
-    (["--n-layers", "0"], r"^error: --d-model, --n-layers, --n-decoder-layers, --n-heads, --head-dim and --d-ff must"),
+    (["--n-layers", "0"], r"^error: --d-model, --n-layers, --n-decoder-layers, --n-heads, --head-dim, --d-ff and "
+                          r"--ff-layers must be at least 1$"),
+    (["--ff-layers", "2", "--ffn", "swiglu"], r"^error: --ff-layers 2 needs --ffn relu \(GRID's MLP\), not swiglu$"),
+    (["--level-softmax"], r"^error: --level-softmax leaves scores across levels untrained: add --beam-norm level or valid$"),
+    (["--beam-norm", "best"], r"^error: unknown --beam-norm 'best': use vocab, level or valid$"),
     (["--dropout", "1.5"], r"^error: --dropout 1.5 is outside \[0, 1\)"),
     (["--beam", "0"], r"^error: --beam 0 and --eval-batch 256 must be at least 1"),
     (["--accum", "0"], r"^error: --accum 0 is below 1: use 1 or more$"),
