@@ -198,6 +198,9 @@ def main(argv=None):
         run.model.cfg.sap_eval = True
     cfg = dataclasses.replace(run.eval_cfg, **{k: v for k, v in (("beam", args.beam), ("beam_norm", args.beam_norm))
                                                if v is not None})
+    if run.model.cfg.level_softmax and cfg.beam_norm == "vocab":
+        sys.exit(f"--beam-norm vocab: {args.run} was trained with --level-softmax, which leaves scores across levels "
+                 "untrained; use --beam-norm level or valid")
     for part in ("valid", "test"):
         sp = run.split
         hist, length, target = (getattr(sp, f"{part}_{x}") for x in ("hist", "len", "target"))

@@ -64,6 +64,20 @@ def test_sap_eval_refuses_a_run_trained_without_sap(tmp_path):
         evaluate_main([out, "--device", "cpu", "--data-dir", str(tmp_path), "--sap-eval"])
 
 
+def test_grids_variants_train_and_evaluate_with_the_runs_beam_scoring(tmp_path, capsys):
+    """--level-softmax, --beam-norm valid and GRID's feed-forward: evaluate.py re-scores the run as it was
+    trained to be scored, and refuses the whole-vocabulary scoring that such a run never learned."""
+    out = str(tmp_path / "grid")
+    main(TINY + ["--max-steps", "3", "--eval-every", "3", "--level-softmax", "--beam-norm", "valid", "--ff-layers", "2",
+                 "--ff-bias", "--out", out])
+    res = json.load(open(os.path.join(out, "results.json")))
+    capsys.readouterr()
+    evaluate_main([out, "--device", "cpu", "--data-dir", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"test: recall@5 {res['recall@5']:.4f}")
+    with pytest.raises(SystemExit, match="trained with --level-softmax"):
+        evaluate_main([out, "--device", "cpu", "--data-dir", str(tmp_path), "--beam-norm", "vocab"])
+
+
 def test_an_existing_run_is_never_overwritten_by_accident(tmp_path, capsys):
     out = str(tmp_path / "run")
     main(TINY + ["--max-steps", "2", "--eval-every", "2", "--out", out])
