@@ -1,5 +1,5 @@
 """One optimiser step, fast on a GPU: forward and loss under autocast, backward, gradient clipping,
-AdamW; compiled, and captured as a CUDA graph where it can be. train.py and bench.py drive it."""
+AdamW (or Adam); compiled, and captured as a CUDA graph where it can be. train.py and bench.py drive it."""
 import contextlib
 
 import torch
@@ -20,7 +20,7 @@ def precision(device, amp=True):
 
 
 class Step:
-    """One optimiser step: forward and loss under autocast, backward, gradient clipping, AdamW.
+    """One optimiser step: forward and loss under autocast, backward, gradient clipping, AdamW (or Adam).
 
     A step takes a list of micro-batches and accumulates their gradients (their mean loss); under
     torchrun the loss runs through DDP (dist.wrap), whose all-reduce is skipped on all but the last.
@@ -33,7 +33,7 @@ class Step:
     """
 
     def __init__(self, model, lr, weight_decay, clip, device, betas=(0.9, 0.999), compile=False, graph=False, amp=True,
-                 accum=1):
+                 accum=1, optimizer="adamw"):
         self.model, self.clip, self.device = model, clip, device
         self.dtype, needs_scaler, _ = precision(device, amp)
         self.ddp = dist.wrap(model)  # model.loss, or a DDP module under torchrun
@@ -44,7 +44,10 @@ class Step:
         rest = [p for p in model.parameters() if p.dim() < 2]
         groups = [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
         lr = torch.tensor(lr, device=device) if self.graph else lr
-        self.opt = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda", capturable=self.graph)
+        # AdamW shrinks weights apart from the gradient; Adam adds weight_decay * w to the gradient
+        # (L2), which Adam's per-weight scaling then rescales: GRID trains with the latter.
+        opt = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt(groups, lr=lr, betas=betas, fused=device.type == "cuda", capturable=self.graph)
         self.scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
         self.loss_fn = torch.compile(self.ddp) if compile else self.ddp
         self.graphs = {}  # batch shapes -> (graph, static batch, static loss)
@@ -68,7 +71,8 @@ class Step:
             stats = {k: stats.get(k, 0) + v / len(micro) for k, v in parts.items()}
         if self.scaler:
             self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()

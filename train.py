@@ -51,13 +51,15 @@ class TrainConfig:
                                                    "takes batch-size x accum x GPUs; the paper t5 recipe: 2048)"})
     accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step (gradient accumulation)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (GRID: 1e-3)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (decay apart from the gradient) or adam "
+                                                      "(decay added to the gradient as L2, as GRID's Adam)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay on matrices (GRID: adam, 1e-4)"})
     warmup_steps: int = field(default=500, metadata={"help": "linear learning-rate warm-up"})
     schedule: str = field(default="cosine", metadata={"help": "after warm-up: cosine (to 0 at the last epoch) or "
                                                  "constant (the paper t5 recipe, as GRID)"})
     epochs: int = field(default=30, metadata={"help": "passes over the training samples (the paper t5 recipe: 150)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimiser steps (0: epochs decide)"})
-    clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
+    clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: none, as GRID)"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: once per epoch, at most ~20 times a run)"})
     save_every: int = field(default=0, metadata={"help": "also write last.pt every N steps (0: only at validations)"})
     patience: int = field(default=10, metadata={"help": "stop after this many validations without a better NDCG@10"})
@@ -84,6 +86,10 @@ class TrainConfig:
             least = 1 if name in positive else 0
             if getattr(self, name) < least:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is below {least}: use {least} or more")
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"unknown --optimizer '{self.optimizer}': use adamw or adam")
+        if self.clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"--clip {self.clip} or --weight-decay {self.weight_decay} is negative: use 0 (off) or more")
         if self.lr <= 0:
             raise ValueError(f"--lr {self.lr} is not positive: use a learning rate such as 1e-3")
         if self.resume and self.overwrite:
@@ -317,9 +323,10 @@ def train(cfgs):
     dev, sp, model = run.device, run.split, run.model
     cuda = dev.type == "cuda"
     step = Step(model, tc.lr, tc.weight_decay, tc.clip, dev, compile=tc.compile and cuda, graph=tc.graph and cuda,
-                amp=tc.amp, accum=tc.accum)
+                amp=tc.amp, accum=tc.accum, optimizer=tc.optimizer)
     say(f"training step: {'compiled' if tc.compile and cuda else 'eager'}"
-        f"{', one CUDA graph per length bucket' if step.graph else ''}; AdamW{' (fused)' if cuda else ''}"
+        f"{', one CUDA graph per length bucket' if step.graph else ''}; {type(step.opt).__name__}{' (fused)' if cuda else ''}"
+        f", weight decay {tc.weight_decay:g}, {f'clipping at {tc.clip:g}' if tc.clip else 'no clipping'}"
         f"{f'; DDP over {world} processes' if world > 1 else ''}"
         f"{f'; {tc.accum} micro-batches per step' if tc.accum > 1 else ''}")
     hist, length, target = (torch.as_tensor(a, device=dev) for a in (sp.train_hist, sp.train_len, sp.train_target))

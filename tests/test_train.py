@@ -3,8 +3,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from evaluate import main as evaluate_main
+from step import Step
 from train import main
 
 TINY = ["--data", "synthetic", "--synthetic-users", "150", "--synthetic-items", "60", "--device", "cpu",
@@ -101,3 +103,42 @@ def test_validation_is_once_per_epoch_but_at_most_about_20_times_a_run():
     assert default_eval_every(62, 62 * 20) == 62  # 20 epochs: every epoch
     assert default_eval_every(62, 62 * 150) == 62 * 8  # 150 epochs: every 8th, 19 validations
     assert default_eval_every(10, 25) == 10  # a short run still validates each epoch
+
+
+class Toy(torch.nn.Module):
+    """loss = sum(w * x): its gradient is x, whatever w is."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([[1.0, -1.0], [2.0, 0.5]]))
+
+    def loss(self, batch):
+        return (self.w * batch["x"]).sum(), {}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_adds_weight_decay_to_the_gradient_and_adamw_decays_apart_from_it(optimizer):
+    """GRID's Adam puts wd * w into the gradient, where it can flip the sign of Adam's first step
+    (lr * g / |g|); AdamW steps on the loss's gradient alone and shrinks w by lr * wd besides."""
+    lr, wd, x = 0.1, 0.5, torch.tensor([[0.1, 0.1], [-0.1, -0.1]])
+    toy = Toy()
+    w = toy.w.detach().clone()
+    step = Step(toy, lr=lr, weight_decay=wd, clip=0.0, device=torch.device("cpu"), optimizer=optimizer)
+    step({"x": x})
+    if optimizer == "adam":
+        expected = w - lr * torch.sign(x + wd * w)  # the signs at [0][1] and [1][1] differ from x's
+    else:
+        expected = w * (1 - lr * wd) - lr * torch.sign(x)
+    torch.testing.assert_close(toy.w.detach(), expected, atol=1e-6, rtol=0)
+
+
+def test_clip_zero_leaves_the_gradient_alone():
+    x = torch.full((2, 2), 10.0)  # gradient norm 20
+    moments = []
+    for clip in (0.0, 1.0):
+        toy = Toy()
+        step = Step(toy, lr=1e-3, weight_decay=0.0, clip=clip, device=torch.device("cpu"))
+        step({"x": x})
+        moments.append(step.opt.state[toy.w]["exp_avg"] / 0.1)  # Adam's first moment: (1 - beta1) * gradient
+    torch.testing.assert_close(moments[0], x)
+    torch.testing.assert_close(moments[1], x / 20, rtol=1e-4, atol=0)
