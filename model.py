@@ -7,8 +7,8 @@
 
 Both run their blocks in a plain Python loop with explicit positions and key-padding masks, so
 that SAP (sap.py) can drop tokens between two blocks, and both expose their final hidden states
-(`T5.decode`, `Qwen.hidden`) for auxiliary heads (map.py). `from_hf` copies the weights of a
-Hugging Face model of any config; tests/test_model.py proves the two equal to Hugging Face's.
+(`T5.decode`, `Qwen.hidden`) for auxiliary heads (map.py). from_hf.py copies a Hugging Face
+model of any config into them; tests/test_model.py proves the two equal to Hugging Face's.
 """
 import math
 from dataclasses import dataclass, field
@@ -44,6 +44,9 @@ class ModelConfig:
     rope_theta: float = field(default=1e6, metadata={"help": "qwen RoPE base"})
     qkv_bias: bool = field(default=True, metadata={"help": "qwen: biases on the q/k/v projections, as in Qwen2"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share the token embedding with the output projection"})
+    init: str = field(default="hf", metadata={"help": "weights: hf (Hugging Face's: t5 Mesh TensorFlow's scaled "
+                                                       "normals, qwen normal 0.02) or torch (PyTorch's layer defaults, "
+                                                       "to which GRID resets its T5)"})
     level_softmax: bool = field(default=False, metadata={"help": "train each code's softmax over its own level's codes "
                                                                  "(GRID's per-level heads), not the whole vocabulary"})
     # SAP (sap.py): prune input tokens after block `prune_layer` of the encoder (t5) or of the stack (qwen)
@@ -88,6 +91,8 @@ class ModelConfig:
                              f"{self.n_layers - 1} (SAP prunes after that many blocks)")
         if self.sap_score not in sap.SCORES:
             raise ValueError(f"unknown --sap-score '{self.sap_score}': use one of {', '.join(sap.SCORES)}")
+        if self.init not in ("hf", "torch"):
+            raise ValueError(f"unknown --init '{self.init}': use hf (Hugging Face's) or torch (PyTorch's layer defaults)")
         if self.sap_positions not in ("original", "compact"):
             raise ValueError(f"unknown --sap-positions '{self.sap_positions}': use original or compact")
         if self.map_steps < 0:
@@ -218,6 +223,14 @@ class Block(nn.Module):
         return x if colsum_valid is None else (x, colsum)
 
 
+def torch_defaults(model):
+    """PyTorch's own layer initialisation: projections uniform in +-1/sqrt(fan_in), embeddings (the relative
+    bias too) N(0, 1). GRID builds a Hugging Face T5 and then resets every layer to these."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.reset_parameters()
+
+
 NEG = -1e9  # additive mask value: finite, so a fully masked row gives uniform weights, never NaN
 
 
@@ -289,6 +302,8 @@ class T5(nn.Module):
     def reset_parameters(self):
         """T5's initialisation (Mesh TensorFlow): unit-variance embeddings, each projection scaled by
         its fan-in; the q projection also carries the 1/sqrt(head_dim) the logits lack."""
+        if self.cfg.init == "torch":
+            return torch_defaults(self)
         d, hd, H = self.cfg.d_model, self.cfg.head_dim, self.cfg.n_heads
         nn.init.normal_(self.embed.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=d ** -0.5)
@@ -350,48 +365,6 @@ class T5(nn.Module):
         memory, memory_mask = self.encode(batch["enc"], batch["enc_mask"])
         return objective(self, self.decode(batch["dec"], memory, memory_mask), batch)
 
-    @classmethod
-    def from_hf(cls, hf):
-        """Build from a Hugging Face T5ForConditionalGeneration, copying its weights."""
-        c = hf.config
-        if c.feed_forward_proj not in ("relu", "gated-gelu"):
-            raise ValueError(f"T5 feed-forward '{c.feed_forward_proj}' is not supported: use relu or gated-gelu")
-        # Hugging Face scales the decoder output iff the checkpoint ties its embeddings (T5 v1.0).
-        tied = getattr(c, "scale_decoder_outputs", c.tie_word_embeddings)
-        cfg = ModelConfig(arch="t5", vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.num_layers,
-                          n_decoder_layers=c.num_decoder_layers, n_heads=c.num_heads, head_dim=c.d_kv,
-                          d_ff=c.d_ff, ffn=c.feed_forward_proj, dropout=c.dropout_rate,
-                          norm_eps=c.layer_norm_epsilon, rel_buckets=c.relative_attention_num_buckets,
-                          rel_max_distance=c.relative_attention_max_distance, tie_embeddings=tied)
-        model = cls(cfg)
-        sd = hf.state_dict()
-        w = {"embed.weight": sd["shared.weight"], "enc_norm.weight": sd["encoder.final_layer_norm.weight"],
-             "dec_norm.weight": sd["decoder.final_layer_norm.weight"],
-             "enc_bias.emb.weight": sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
-             "dec_bias.emb.weight": sd["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
-             "lm_head.weight": sd["lm_head.weight"]}  # when tied, the same tensor as the embedding
-        for stack, blocks in (("encoder", model.encoder), ("decoder", model.decoder)):
-            for i in range(len(blocks)):
-                p, q = f"{stack}.block.{i}.layer.", f"{stack}.{i}."
-                a = p + "0.SelfAttention."
-                w[q + "norm1.weight"] = sd[p + "0.layer_norm.weight"]
-                w[q + "attn.qkv.weight"] = torch.cat([sd[a + n + ".weight"] for n in "qkv"])
-                w[q + "attn.o.weight"] = sd[a + "o.weight"]
-                if stack == "decoder":
-                    a = p + "1.EncDecAttention."
-                    w[q + "norm_x.weight"] = sd[p + "1.layer_norm.weight"]
-                    w[q + "cross.q.weight"] = sd[a + "q.weight"]
-                    w[q + "cross.kv.weight"] = torch.cat([sd[a + "k.weight"], sd[a + "v.weight"]])
-                    w[q + "cross.o.weight"] = sd[a + "o.weight"]
-                f = p + ("2" if stack == "decoder" else "1")
-                d = f + ".DenseReluDense."
-                w[q + "norm2.weight"] = sd[f + ".layer_norm.weight"]
-                w[q + "ffn.up.weight"] = (sd[d + "wi.weight"] if cfg.ffn == "relu"
-                                          else torch.cat([sd[d + "wi_0.weight"], sd[d + "wi_1.weight"]]))
-                w[q + "ffn.down.weight"] = sd[d + "wo.weight"]
-        model.load_state_dict(w, strict=True)
-        return model
-
 
 def key_mask(mask):
     """(B, S) bool, True = real token -> additive (B, 1, 1, S) mask for SDPA."""
@@ -449,6 +422,8 @@ class Qwen(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """Qwen2's initialisation: normal(0, 0.02) weights, zero biases."""
+        if self.cfg.init == "torch":
+            return torch_defaults(self)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -518,36 +493,6 @@ class Qwen(nn.Module):
         h = self.hidden(batch["ids"], prior=batch.get("prior"), fixed=L + 1, at=batch["pred_pos"])  # (B, L, D)
         return objective(self, h, batch)
 
-    @classmethod
-    def from_hf(cls, hf):
-        """Build from a Hugging Face Qwen2ForCausalLM, copying its weights."""
-        c = hf.config
-        rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": c.rope_theta}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"RoPE scaling '{rope['rope_type']}' is not supported: use a checkpoint with default RoPE")
-        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", False):
-            raise ValueError("sliding-window attention is not supported: load the checkpoint with use_sliding_window=False")
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        sd = hf.state_dict()
-        tied = sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
-        cfg = ModelConfig(arch="qwen", vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
-                          n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, head_dim=head_dim,
-                          d_ff=c.intermediate_size, ffn="swiglu", dropout=0.0, norm_eps=c.rms_norm_eps,
-                          rope_theta=rope["rope_theta"], qkv_bias=True, tie_embeddings=tied)
-        model = cls(cfg)
-        w = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-             "lm_head.weight": sd["lm_head.weight"]}
-        for i in range(cfg.n_layers):
-            p, q = f"model.layers.{i}.", f"blocks.{i}."
-            for t in ("weight", "bias"):
-                w[q + "attn.qkv." + t] = torch.cat([sd[p + f"self_attn.{n}_proj.{t}"] for n in "qkv"])
-            w[q + "attn.o.weight"] = sd[p + "self_attn.o_proj.weight"]
-            w[q + "norm1.weight"] = sd[p + "input_layernorm.weight"]
-            w[q + "norm2.weight"] = sd[p + "post_attention_layernorm.weight"]
-            w[q + "ffn.up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-            w[q + "ffn.down.weight"] = sd[p + "mlp.down_proj.weight"]
-        model.load_state_dict(w, strict=True)
-        return model
 
 
 def causal_mask(pos, k_pos, k_valid):

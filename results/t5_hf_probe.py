@@ -6,6 +6,7 @@ import sys, time, math, torch, torch.nn.functional as F
 sys.path.insert(0, ".")
 from torch.nn.attention import sdpa_kernel, SDPBackend
 from transformers import T5Config, T5ForConditionalGeneration
+import from_hf
 import model as M
 from train import parse_args, setup, model_batch
 from data import batches, length_buckets
@@ -33,7 +34,7 @@ def ours_loss(m, b):
     return m.loss(b)[0]
 # (A) gradients, dropout 0, fp32
 hf = hf_model(0.0).train()
-ours = M.T5.from_hf(hf).to(dev).train()
+ours = from_hf.t5(hf).to(dev).train()
 b = {k: v[:64] for k, v in data[0].items()}
 print("batch", {k: tuple(v.shape) for k, v in b.items()}, "padding", (~b["enc_mask"]).float().mean().item())
 def grads(fn, m, ctx=None, dtype=None):
@@ -68,8 +69,8 @@ def train(name, m, fn, ctx=None, n=len(data)):
         if (i + 1) % 256 == 0:
             print(f"{name} step {i + 1}: loss {torch.stack(acc).mean().item():.4f} ({time.time() - t0:.0f} s)", flush=True); acc = []
 hf = hf_model(0.15)
-ours = M.T5.from_hf(hf).to(dev)
+ours = from_hf.t5(hf).to(dev)
 train("hf", hf, hf_loss)
 train("ours", ours, ours_loss)
-ours = M.T5.from_hf(hf_model(0.15)).to(dev)
+ours = from_hf.t5(hf_model(0.15)).to(dev)
 train("ours-math", ours, ours_loss, sdpa_kernel(SDPBackend.MATH), n=1024)

@@ -2,13 +2,14 @@
 
 Each case builds a small random Hugging Face model (eager attention, the reference math), perturbs
 every weight so that a norm left at one or a bias left at zero cannot hide a copying mistake,
-copies it with `from_hf` and compares logits, greedy decoding and gradients."""
+copies it with from_hf.py and compares logits, greedy decoding and gradients."""
 import dataclasses
 
 import pytest
 import torch
 
-from model import KVCache, ModelConfig, Qwen, T5, build_model
+import from_hf
+from model import KVCache, ModelConfig, build_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,7 +58,7 @@ def t5_batch(seed, B=3, S=70, T=5):
 @pytest.mark.parametrize("case", range(len(T5_CASES)))
 def test_t5_logits_match_hf(case):
     hf = hf_t5(T5_CASES[case], case)
-    ours = T5.from_hf(hf).eval()
+    ours = from_hf.t5(hf).eval()
     ids, mask, dec = t5_batch(case)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
@@ -69,7 +70,7 @@ def test_t5_logits_match_hf(case):
 @pytest.mark.parametrize("case", range(len(T5_CASES)))
 def test_t5_greedy_matches_hf(case):
     hf = hf_t5(T5_CASES[case], case)
-    ours = T5.from_hf(hf).eval()
+    ours = from_hf.t5(hf).eval()
     ids, mask, _ = t5_batch(case + 10)
     with torch.no_grad():
         # use_cache=False: Hugging Face sizes the decoder's cache by the encoder's layer count (5.x).
@@ -107,7 +108,7 @@ def hf_qwen(kw, seed):
 @pytest.mark.parametrize("case", range(len(QWEN_CASES)))
 def test_qwen_logits_match_hf(case):
     hf = hf_qwen(QWEN_CASES[case], case)
-    ours = Qwen.from_hf(hf).eval()
+    ours = from_hf.qwen(hf).eval()
     assert ours.cfg.tie_embeddings == QWEN_CASES[case]["tie_word_embeddings"]
     g = torch.Generator().manual_seed(case)
     ids = torch.randint(1, 101, (3, 40), generator=g)
@@ -130,7 +131,7 @@ def test_qwen_logits_match_hf(case):
 @pytest.mark.parametrize("case", range(len(QWEN_CASES)))
 def test_qwen_greedy_with_cache_matches_hf(case):
     hf = hf_qwen(QWEN_CASES[case], case)
-    ours = Qwen.from_hf(hf).eval()
+    ours = from_hf.qwen(hf).eval()
     g = torch.Generator().manual_seed(case + 10)
     ids = torch.randint(1, 101, (3, 12), generator=g)
     mask = torch.ones_like(ids)
@@ -218,3 +219,22 @@ def test_level_softmax_normalises_over_each_levels_codes(arch):
     plain = build_model(dataclasses.replace(cfg, level_softmax=False))
     plain.load_state_dict(m.state_dict())
     assert plain.loss(batch)[0] > loss  # the same weights: the whole vocabulary only adds competitors
+
+
+def test_torch_init_gives_pytorchs_layer_defaults_and_hf_init_t5s_scaled_normals():
+    """GRID resets its Hugging Face T5 to PyTorch's layer defaults (--init torch): projections uniform
+    in +-1/sqrt(fan_in), embeddings and the relative bias N(0, 1). Hugging Face's T5 init (--init hf)
+    scales each projection by its fan-in instead: q by (d * head_dim)^-1/2, the relative bias by d^-1/2."""
+    cfg = dict(arch="t5", vocab_size=600, d_model=64, head_dim=32, n_heads=4, d_ff=512)
+    torch.manual_seed(0)
+    ours, hf = build_model(ModelConfig(**cfg, init="torch")), build_model(ModelConfig(**cfg))
+    qkv, up, down = ours.encoder[0].attn.qkv.weight, ours.encoder[0].ffn.up.weight, ours.encoder[0].ffn.down.weight
+    for w, fan_in in ((qkv, 64), (up, 64), (down, 512)):
+        assert w.abs().max() <= fan_in ** -0.5 and w.std().item() == pytest.approx((3 * fan_in) ** -0.5, rel=0.05)
+    assert ours.enc_bias.emb.weight.std().item() == pytest.approx(1.0, rel=0.3)
+    assert ours.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    q = hf.encoder[0].attn.qkv.weight[:4 * 32]
+    assert q.std().item() == pytest.approx((64 * 32) ** -0.5, rel=0.05)
+    assert hf.enc_bias.emb.weight.std().item() == pytest.approx(64 ** -0.5, rel=0.3)
+    with pytest.raises(ValueError, match="unknown --init 'xavier': use hf"):
+        ModelConfig(arch="qwen", init="xavier")

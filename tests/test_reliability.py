@@ -61,6 +61,7 @@ BAD_FLAGS = [
     (["--beam", "0"], r"^error: --beam 0 and --eval-batch 256 must be at least 1"),
     (["--accum", "0"], r"^error: --accum 0 is below 1: use 1 or more$"),
     (["--optimizer", "sgd"], r"^error: unknown --optimizer 'sgd': use adamw or adam$"),
+    (["--init", "xavier"], r"^error: unknown --init 'xavier': use hf \(Hugging Face's\) or torch \(PyTorch's layer defaults\)$"),
     (["--clip", "-1"], r"^error: --clip -1.0 or --weight-decay 0.0 is negative: use 0 \(off\) or more$"),
 ]
 

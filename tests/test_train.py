@@ -96,6 +96,8 @@ def test_the_paper_t5_recipe_is_grids_and_flags_override_it():
     assert (mine.batch_size, mine.schedule, mine.epochs, mine.warmup_steps) == (256, "cosine", 10, 200)
     tiny = parse_args(["--arch", "t5", "--preset", "tiny"])
     assert tiny["train"].batch_size == 256 and tiny["model"].d_model == 64
+    inits = [parse_args(a)["model"].init for a in (["--arch", "t5"], ["--arch", "t5", "--init", "hf"], ["--arch", "qwen"])]
+    assert inits == ["torch", "hf", "hf"]  # GRID resets its T5 to PyTorch's defaults
 
 
 def test_validation_is_once_per_epoch_but_at_most_about_20_times_a_run():
