@@ -494,7 +494,6 @@ class Qwen(nn.Module):
         return objective(self, h, batch)
 
 
-
 def causal_mask(pos, k_pos, k_valid):
     """(B, T) query positions, (B, S) key positions and validity -> boolean (B, 1, T, S) mask:
     query i may see key j iff j is valid and pos_j <= pos_i. The last T keys are the queries

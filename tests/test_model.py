@@ -236,5 +236,7 @@ def test_torch_init_gives_pytorchs_layer_defaults_and_hf_init_t5s_scaled_normals
     q = hf.encoder[0].attn.qkv.weight[:4 * 32]
     assert q.std().item() == pytest.approx((64 * 32) ** -0.5, rel=0.05)
     assert hf.enc_bias.emb.weight.std().item() == pytest.approx(64 ** -0.5, rel=0.3)
+    qwen = build_model(ModelConfig(arch="qwen", vocab_size=600, d_model=64, init="torch")).blocks[0].attn.qkv
+    assert qwen.bias.abs().max() <= 64 ** -0.5 and qwen.bias.std() > 0  # uniform biases, not Qwen2's zeros
     with pytest.raises(ValueError, match="unknown --init 'xavier': use hf"):
         ModelConfig(arch="qwen", init="xavier")
