@@ -300,8 +300,8 @@ class T5(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """T5's initialisation (Mesh TensorFlow): unit-variance embeddings, each projection scaled by
-        its fan-in; the q projection also carries the 1/sqrt(head_dim) the logits lack."""
+        """--init hf: T5's initialisation (Mesh TensorFlow): unit-variance embeddings, each projection
+        scaled by its fan-in; q also carries the 1/sqrt(head_dim) the logits lack. --init torch: GRID's."""
         if self.cfg.init == "torch":
             return torch_defaults(self)
         d, hd, H = self.cfg.d_model, self.cfg.head_dim, self.cfg.n_heads
@@ -421,7 +421,7 @@ class Qwen(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Qwen2's initialisation: normal(0, 0.02) weights, zero biases."""
+        """--init hf: Qwen2's initialisation, normal(0, 0.02) weights and zero biases; --init torch: PyTorch's."""
         if self.cfg.init == "torch":
             return torch_defaults(self)
         for m in self.modules():
