@@ -67,7 +67,8 @@ def qwen_flops(cfg, B, S):
 
 def real_batches(data, data_dir, n, B, padded, device, map_steps=0):
     """n training batches of T5 inputs from a real dataset: padded to max_items (GRID) or cut to our
-    length buckets, with MAP's targets if map_steps. -> list of batches, vocabulary size."""
+    length buckets, with MAP's targets if map_steps. -> list of batches, vocabulary size, the longest
+    history's tokens (what SAP's keep is a fraction of, as in train.py)."""
     dc = DataConfig(data=data, data_dir=data_dir)
     ds = load_dataset(dc)
     sp = split(ds, dc)
@@ -81,7 +82,7 @@ def real_batches(data, data_dir, n, B, padded, device, map_steps=0):
     for idx, h in epoch:
         idx = idx.to(device)
         out.append({**tokens.t5(hist[idx, :h], target[idx]), **(targets(tokens, future[idx]) if map_steps else {})})
-    return out, tokens.vocab_size
+    return out, tokens.vocab_size, dc.max_items * (tokens.n_codes + 1)
 
 
 def time_mode(arch, mode, keep, data, steps, warmup, device, label="", map_steps=0):
@@ -89,7 +90,7 @@ def time_mode(arch, mode, keep, data, steps, warmup, device, label="", map_steps
     first = data[0][0]
     world = dist.rank_world()[1]  # under torchrun every rank steps its own batch: throughput counts them all
     B, S = first[next(iter(first))].shape
-    cfg = dataclasses.replace(SHAPES[arch]["cfg"], keep=keep, vocab_size=data[1], map_steps=map_steps)
+    cfg = dataclasses.replace(SHAPES[arch]["cfg"], keep=keep, vocab_size=data[1], sap_len=data[2], map_steps=map_steps)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     step = Step(model, lr=1e-3, weight_decay=0.0, clip=1.0, device=device, compile=mode != "eager",
@@ -175,13 +176,13 @@ def main(argv=None):
                                                         max(depths)) for kind in args.layout.split(",")}
         else:
             sets = {"random": ([random_batch(arch, B, S, SHAPES[arch]["cfg"].vocab_size, device, map_steps=max(depths))],
-                               SHAPES[arch]["cfg"].vocab_size)}
-        for label, (data, vocab) in sets.items():
+                               SHAPES[arch]["cfg"].vocab_size, 0)}
+        for label, (data, vocab, span) in sets.items():
             for mode, keep, d in itertools.product(args.modes.split(","), keeps, depths):
                 # a model with d MAP depths reads the first d of the batch's targets (none when d is 0)
                 cut = [{k: v[:, :d] if k.startswith("map") else v for k, v in b.items() if d or not k.startswith("map")}
                        for b in data]
-                r = time_mode(arch, mode, keep, (cut, vocab), args.steps, args.warmup, device, label, d)
+                r = time_mode(arch, mode, keep, (cut, vocab, span), args.steps, args.warmup, device, label, d)
                 rows.append(r)
                 base = next(x for x in rows if (x["arch"], x["mode"], x["data"], x["batch"]) ==
                             (arch, mode, label, r["batch"]))

@@ -59,6 +59,10 @@ class ModelConfig:
     sap_causal_norm: bool = field(default=False, metadata={"help": "SAP, qwen: divide column sums by the queries "
                                                                     "that can see each token"})
     sap_eval: bool = field(default=False, metadata={"help": "SAP: prune at evaluation too (default: training only)"})
+    # Set from the data (train.py), like vocab_size: the candidate tokens of the longest history. `keep` is a
+    # fraction of it, so what a sample keeps does not depend on the length bucket it is batched in. 0: of each
+    # batch's padded length.
+    sap_len: int = 0
     # MAP (map.py): auxiliary prediction of the items after the target
     map_steps: int = field(default=0, metadata={"help": "MAP depths D: also predict the D items after the target (0 = off)"})
     map_weight: float = field(default=0.5, metadata={"help": "MAP loss weight lambda"})
@@ -331,7 +335,7 @@ class T5(nn.Module):
         bias = full + key_mask(mask)  # (B, H, S, S), shared by the encoder blocks
         prune = self.cfg.keep < 1 and (self.training or self.cfg.sap_eval)
         for i, block in enumerate(self.encoder):
-            if prune and i + 1 == self.cfg.prune_layer:
+            if prune and i + 1 == self.cfg.prune_layer and sap.prunes(self.cfg, x.size(1), 0):
                 x, colsum = block(x, bias, colsum_valid=mask)
                 _, x, pos, mask = sap.prune(self.cfg, x, colsum, sap.prior_from_mask(mask), 0, pos, mask)
                 bias = RelativeBias.select(full, pos) + key_mask(mask)  # kept tokens keep their distances
@@ -464,7 +468,7 @@ class Qwen(nn.Module):
             mask = None
             if valid is not None:
                 mask = causal_mask(pos, *(layer.extend(pos, valid) if layer is not None else (pos, valid)))
-            if prune and prefill and i + 1 == self.cfg.prune_layer:
+            if prune and prefill and i + 1 == self.cfg.prune_layer and sap.prunes(self.cfg, T, fixed):
                 x, colsum = block(x, mask, causal=True, rope=rope, cache=layer, colsum_valid=prior > -math.inf)
                 index, x, pos, prior, *rest = sap.prune(self.cfg, x, colsum, prior, fixed, pos, prior,
                                                         *([valid] if valid is not None else []))

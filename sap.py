@@ -11,8 +11,8 @@ fraction rho (`keep`) goes on to the later layers (METHOD.md, "SAP"):
 The kept indices are sorted ascending, so order is kept, and hidden states, masks and positions
 are gathered together. Which tokens may go is a per-token prior: 0 for candidates (ranked by
 importance), +inf for tokens that always stay (Qwen's separator and target), -inf for padding
-(never kept while a real token of the row is dropped). `k` comes from shapes only, so a compiled
-step or a CUDA graph sees the same shapes at every step.
+(never kept while a real token of the row is dropped). `k` comes from shapes and the config only,
+so a compiled step or a CUDA graph sees the same shapes at every step.
 """
 import math
 
@@ -21,10 +21,19 @@ import torch
 SCORES = ("attn_l1", "attn", "l1", "l2", "random", "stride")
 
 
-def n_kept(T, fixed, keep):
-    """Tokens left after pruning a padded length T of which `fixed` always stay: a fraction `keep`
-    of the candidates, at least one."""
-    return fixed + max(1, math.ceil(keep * (T - fixed)))
+def n_kept(cfg, T, fixed):
+    """Tokens left after pruning a padded length T of which `fixed` always stay: the fixed ones and a
+    fraction `keep` of the longest history's candidates (cfg.sap_len; else of this batch's), at least
+    one, at most all. RASTP takes a third of the batch's padded length, but GRID pads every batch to
+    the longest history, so k is a third of the longest history's tokens and a shorter history than
+    that loses nothing. Our batches are cut to length buckets; a fraction of the bucket would prune
+    short histories harder than RASTP ever does."""
+    return min(T, fixed + max(1, math.ceil(cfg.keep * (cfg.sap_len or T - fixed))))
+
+
+def prunes(cfg, T, fixed):
+    """Whether SAP drops anything from a padded length T: short buckets skip the column sums too."""
+    return n_kept(cfg, T, fixed) < T
 
 
 def prior_from_mask(mask):
@@ -83,13 +92,13 @@ def ascending(top, T):
 
 
 def prune(cfg, x, colsum, prior, fixed, pos, *others):
-    """Keep the n_kept(T, fixed, keep) best tokens of x (B, T, D), in order.
+    """Keep the n_kept(cfg, T, fixed) best tokens of x (B, T, D), in order.
 
     Returns the kept original indices (B, k), x (B, k, D), their positions (B, k) (original, or
     re-indexed 0..k-1 when cfg.sap_positions == "compact", as RASTP does) and `others` gathered
     along dimension 1 (masks)."""
     B, T, D = x.shape
-    k = n_kept(T, fixed, cfg.keep)
+    k = n_kept(cfg, T, fixed)
     score = importance(cfg.sap_score, x, colsum, prior > -math.inf, cfg.keep, cfg.sap_causal_norm)
     idx = ascending((score + prior).topk(k, dim=1).indices, T)  # + inf stays, - inf goes last
     x = x.gather(1, idx[..., None].expand(-1, -1, D))

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import dist
+import sap
 from data import DataConfig, Tokens, add_arguments, batches, describe, length_buckets, load_dataset, split
 from evaluate import EvalConfig, Prefixes, evaluate, popularity
 from map import future_items, targets
@@ -122,7 +123,7 @@ CONFIGS = {"data": DataConfig, "sid": SIDConfig, "model": ModelConfig, "train": 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, cls in CONFIGS.items():
-        add_arguments(p.add_argument_group(name), cls, skip=("vocab_size", "code_sizes"))
+        add_arguments(p.add_argument_group(name), cls, skip=("vocab_size", "code_sizes", "sap_len"))
     # Model sizes and the fields of a recipe default per preset and architecture (PRESETS): None marks
     # "not given on the command line".
     unset = {f.name for f in dataclasses.fields(ModelConfig) if f.name != "arch"} | {k for r in PRESETS.values() for k in r}
@@ -186,6 +187,7 @@ def setup(cfgs, table=None, verbose=True):
     tokens = Tokens(table.codes, table.sizes, device, sep=tc.sep)
     prefixes = Prefixes(table.codes, table.sizes, device)
     mc.vocab_size, mc.code_sizes = tokens.vocab_size, list(tokens.sizes)
+    mc.sap_len = sp.train_hist.shape[1] * (tokens.n_codes + (mc.arch == "t5" and tokens.sep))  # SAP's candidates
     model = build_model(mc).to(device)
     n = sum(p.numel() for p in model.parameters())
     attn = ("memory-efficient SDPA with the relative-position bias as a float mask" if mc.arch == "t5"
@@ -196,8 +198,8 @@ def setup(cfgs, table=None, verbose=True):
         say(f"MAP: {mc.map_steps} future items, weight {mc.map_weight:g}, {mc.map_kind} {mc.map_head} heads "
             "sharing the embeddings and output projection; training only")
     if mc.keep < 1:
-        say(f"SAP: keep {mc.keep:g} of the {'encoder' if mc.arch == 't5' else 'history'} tokens after block "
-            f"{mc.prune_layer}, score {mc.sap_score}, {mc.sap_positions} positions"
+        say(f"SAP: after block {mc.prune_layer}, keep at most {sap.n_kept(mc, mc.sap_len, 0)} of the "
+            f"{'encoder' if mc.arch == 't5' else 'history'} tokens ({mc.keep:g} of the longest history's {mc.sap_len}), score {mc.sap_score}, {mc.sap_positions} positions"
             f"{', causal-normalised' if mc.sap_causal_norm else ''}; {'also at evaluation' if mc.sap_eval else 'training only'}")
     return Run(cfgs, device, dtype, sp, table, tokens, prefixes, model)
 
@@ -249,10 +251,11 @@ def checkpoint(run, step, state, sums, loss_n):
 
 
 # On --resume these must be as in the checkpoint: they decide the data, the model's shape and its inputs.
-# Not data_dir (the same data may live elsewhere), nor vocab_size and code_sizes (the SID table's fingerprint decides them).
+# Not data_dir (the same data may live elsewhere), nor vocab_size and code_sizes (the SID table's fingerprint decides
+# them), nor sap_len (max_items does).
 MUST_MATCH = [("train", "preset"), ("train", "sep")] + [
     (group, f.name) for group, cls in (("data", DataConfig), ("model", ModelConfig))
-    for f in dataclasses.fields(cls) if f.name not in ("data_dir", "vocab_size", "code_sizes")]
+    for f in dataclasses.fields(cls) if f.name not in ("data_dir", "vocab_size", "code_sizes", "sap_len")]
 
 
 def check_resumable(ck, cfgs, path):

@@ -62,8 +62,9 @@ def test_keep_one_never_runs_the_pruning_code(arch, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["t5", "qwen"])
-def test_pruning_that_keeps_every_token_equals_no_pruning(arch):
+def test_pruning_that_keeps_every_token_equals_no_pruning(arch, monkeypatch):
     batch = t5_batch() if arch == "t5" else qwen_batch()[0]
+    monkeypatch.setattr(sap, "prunes", lambda *a: True)  # run the pruning path even where k = T
     runs = []
     for keep in (1.0, 0.99999):  # 0.99999 runs the whole pruning path yet keeps every token
         model = make(arch, dropout=0.1, keep=keep).train()
@@ -81,6 +82,53 @@ def test_pruning_that_keeps_every_token_equals_no_pruning(arch):
             assert torch.equal(a, b), name
 
 
+def padded(arch, h):
+    """The same four samples (histories of 6, 3, 5 and 1 items of 3 codes, cut at h) padded to h items."""
+    codes = torch.randint(0, 8, (20, 3), generator=torch.Generator().manual_seed(2))
+    tokens = Tokens(codes, [8, 8, 8])
+    length = torch.tensor([6, 3, 5, 1]).clamp(max=h)
+    hist = torch.randint(0, 20, (4, 10), generator=torch.Generator().manual_seed(3))[:, :h]
+    hist[torch.arange(h)[None] >= length[:, None]] = -1
+    target = torch.tensor([4, 9, 0, 17])
+    if arch == "qwen":
+        return tokens.qwen(hist, length, target)
+    dec = tokens.t5(hist, target)
+    return {"enc": dec["enc"], "enc_mask": dec["enc_mask"], "dec": dec["dec"], "labels": dec["labels"]}
+
+
+@pytest.mark.parametrize("arch", ["t5", "qwen"])
+def test_what_a_sample_keeps_does_not_depend_on_its_padding(arch, monkeypatch):
+    per_item = 4 if arch == "t5" else 3  # t5: 3 codes and a separator
+    real = torch.tensor([6, 3, 5, 1]) * per_item + (0 if arch == "t5" else 4)  # qwen: separator and target too
+    kept = []
+    monkeypatch.setattr(sap, "prune", lambda *a, f=sap.prune: (lambda out: kept.append(out[0]) or out)(f(*a)))
+    losses, sets = {}, {}
+    for sap_len in (10 * per_item, 0):  # a fraction of a 10-item history (train.py), or of each batch's length
+        model = make(arch, vocab_size=3 + 24, dropout=0.0, keep=0.4, prune_layer=1, sap_len=sap_len).train()
+        for h in (6, 10):  # a length bucket of 6 items, or every batch padded to the longest history (GRID)
+            losses[sap_len, h] = model.loss(padded(arch, h))[0]
+            sets[sap_len, h] = [set(row[row < n].tolist()) for row, n in zip(kept[-1], real)]  # real tokens kept
+    assert len(kept) == 4  # every batch was pruned: the 6-item history is longer than k = 16 or 12 tokens
+    assert sets[10 * per_item, 6] == sets[10 * per_item, 10]
+    assert torch.allclose(losses[10 * per_item, 6], losses[10 * per_item, 10], rtol=1e-5, atol=0)
+    assert sets[0, 6] != sets[0, 10]  # k from each batch's length: the 6-item bucket keeps fewer
+    assert all(a <= b for a, b in zip(sets[0, 6], sets[0, 10]))
+
+
+@pytest.mark.parametrize("arch", ["t5", "qwen"])
+def test_histories_shorter_than_k_skip_pruning(arch, monkeypatch):
+    batch = padded(arch, 3)  # at most 3 items: 12 (t5) or 9 (qwen) candidates; k = 16 or 12 of a 10-item history
+    per_item = 4 if arch == "t5" else 3
+    ref = make(arch, vocab_size=3 + 24, dropout=0.0).train().loss(batch)[0]
+
+    def fail(*args):
+        raise AssertionError("SAP ran where nothing would be dropped")
+
+    monkeypatch.setattr(sap, "column_sums", fail)
+    model = make(arch, vocab_size=3 + 24, dropout=0.0, keep=0.4, sap_len=10 * per_item).train()
+    assert torch.equal(model.loss(batch)[0], ref)
+
+
 def test_prune_keeps_order_and_moves_masks_and_positions_with_tokens():
     cfg = ModelConfig(keep=0.4)
     B, T, D = 3, 10, 5
@@ -90,7 +138,7 @@ def test_prune_keeps_order_and_moves_masks_and_positions_with_tokens():
     mask[0, 6:] = False
     pos = torch.arange(T)[None] * 10  # distinguishable positions
     idx, xk, pk, mk = sap.prune(cfg, x, colsum, sap.prior_from_mask(mask), 0, pos, mask)
-    assert idx.shape == (B, sap.n_kept(T, 0, 0.4)) == (B, 4)
+    assert idx.shape == (B, sap.n_kept(cfg, T, 0)) == (B, 4)
     assert (idx[:, 1:] > idx[:, :-1]).all()  # ascending: order kept
     assert torch.equal(xk, x[torch.arange(B)[:, None], idx])
     assert torch.equal(pk, pos.expand(B, T).gather(1, idx)) and torch.equal(mk, mask.gather(1, idx))

@@ -47,6 +47,10 @@ def test_sap_and_map_train_and_log_each_depth(tmp_path, capsys, monkeypatch):
                  "--map-steps", "2", "--out", out])
     rec = log(out)[-1]
     assert {"loss", "loss_main", "loss_map1", "acc_map1", "loss_map2", "acc_map2"} <= set(rec)
+    # keep is a fraction of the longest history's tokens (30 items of their codes and a separator)
+    model = json.load(open(os.path.join(out, "config.json")))["model"]
+    assert model["sap_len"] == 30 * (len(model["code_sizes"]) + 1)
+    assert f"keep at most {model['sap_len'] // 2} of the encoder tokens" in capsys.readouterr().out
     # evaluate.py measures the same run both ways: unpruned (the default) and pruned (--sap-eval)
     import evaluate
     res, pruned, real = json.load(open(os.path.join(out, "results.json"))), [], evaluate.evaluate
