@@ -199,7 +199,8 @@ def setup(cfgs, table=None, verbose=True):
             "sharing the embeddings and output projection; training only")
     if mc.keep < 1:
         say(f"SAP: after block {mc.prune_layer}, keep at most {sap.n_kept(mc, mc.sap_len, 0)} of the "
-            f"{'encoder' if mc.arch == 't5' else 'history'} tokens ({mc.keep:g} of the longest history's {mc.sap_len}), score {mc.sap_score}, {mc.sap_positions} positions"
+            f"{'encoder' if mc.arch == 't5' else 'history'} tokens ({mc.keep:g} of the longest history's "
+            f"{mc.sap_len}), score {mc.sap_score}, {mc.sap_positions} positions"
             f"{', causal-normalised' if mc.sap_causal_norm else ''}; {'also at evaluation' if mc.sap_eval else 'training only'}")
     return Run(cfgs, device, dtype, sp, table, tokens, prefixes, model)
 
