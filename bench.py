@@ -82,7 +82,7 @@ def real_batches(data, data_dir, n, B, padded, device, map_steps=0):
     for idx, h in epoch:
         idx = idx.to(device)
         out.append({**tokens.t5(hist[idx, :h], target[idx]), **(targets(tokens, future[idx]) if map_steps else {})})
-    return out, tokens.vocab_size, dc.max_items * (tokens.n_codes + 1)
+    return out, tokens.vocab_size, tokens.history_len("t5", dc.max_items)
 
 
 def time_mode(arch, mode, keep, data, steps, warmup, device, label="", map_steps=0):

@@ -476,6 +476,10 @@ class Tokens:
         # one extra all-PAD row at index -1, so that padded history slots (-1) gather padding
         self.item_tokens = torch.cat([tokens, torch.full((1, self.n_codes), PAD)]).to(device)
 
+    def history_len(self, arch, items):
+        """Input tokens of a history of `items` items: t5's encoder (a SEP after each item) or qwen's."""
+        return items * (self.n_codes + (arch == "t5" and self.sep))
+
     def t5(self, hist, target=None):
         """Encoder: the history's SIDs flattened, a SEP after each item; decoder: BOS then the target
         SID without its last code; labels: the target SID. hist (B, H) left-aligned, -1 padded."""

@@ -187,7 +187,7 @@ def setup(cfgs, table=None, verbose=True):
     tokens = Tokens(table.codes, table.sizes, device, sep=tc.sep)
     prefixes = Prefixes(table.codes, table.sizes, device)
     mc.vocab_size, mc.code_sizes = tokens.vocab_size, list(tokens.sizes)
-    mc.sap_len = sp.train_hist.shape[1] * (tokens.n_codes + (mc.arch == "t5" and tokens.sep))  # SAP's candidates
+    mc.sap_len = tokens.history_len(mc.arch, sp.train_hist.shape[1])  # the longest history: SAP's candidates
     model = build_model(mc).to(device)
     n = sum(p.numel() for p in model.parameters())
     attn = ("memory-efficient SDPA with the relative-position bias as a float mask" if mc.arch == "t5"

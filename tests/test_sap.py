@@ -90,10 +90,7 @@ def padded(arch, h):
     hist = torch.randint(0, 20, (4, 10), generator=torch.Generator().manual_seed(3))[:, :h]
     hist[torch.arange(h)[None] >= length[:, None]] = -1
     target = torch.tensor([4, 9, 0, 17])
-    if arch == "qwen":
-        return tokens.qwen(hist, length, target)
-    dec = tokens.t5(hist, target)
-    return {"enc": dec["enc"], "enc_mask": dec["enc_mask"], "dec": dec["dec"], "labels": dec["labels"]}
+    return tokens.qwen(hist, length, target) if arch == "qwen" else tokens.t5(hist, target)
 
 
 @pytest.mark.parametrize("arch", ["t5", "qwen"])
