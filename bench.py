@@ -186,9 +186,10 @@ def main(argv=None):
                 rows.append(r)
                 base = next(x for x in rows if (x["arch"], x["mode"], x["data"], x["batch"]) ==
                             (arch, mode, label, r["batch"]))
+                flops = f"{r['tflops']:6.1f} TFLOP/s " if r["tflops"] else ""  # counted for Qwen at keep 1 only
                 say(f"{arch:5s} {mode:8s} {label:14s} B={r['batch']:4d} S={r['seq']:4d} keep {keep:4.2f} map {d} "
                     f"{r['ms']:8.2f} ms ({base['ms'] / r['ms']:4.2f}x) {r['samples_s']:9.0f} samples/s "
-                    f"{r['tflops'] or 0:6.1f} TFLOP/s peak {r['peak_mib']:8.0f} MiB "
+                    f"{flops}peak {r['peak_mib']:8.0f} MiB "
                     f"({r['peak_mib'] / base['peak_mib'] - 1:+.0%} vs the first row) setup {r['setup_s']:.0f} s",
                     flush=True)
         for keep in keeps if args.profile else []:
