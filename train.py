@@ -355,7 +355,8 @@ def train(cfgs):
             if os.path.exists(path := os.path.join(out, f)):
                 os.remove(path)
         json.dump({k: dataclasses.asdict(v) for k, v in cfgs.items()}, open(os.path.join(out, "config.json"), "w"), indent=1)
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "bad": 0, "train_s": 0.0, "samples": 0, "tokens": 0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "bad": 0, "train_s": 0.0, "samples": 0, "tokens": 0,
+             "low": math.inf}  # low: the lowest mean training loss of a validation so far
     sums, loss_n, saved = {}, 0, None  # running sums of the loss and its parts (on the device); last.pt's step
     if ck:
         model.load_state_dict(ck["model"])
@@ -438,6 +439,12 @@ def train(cfgs):
                     if lead:
                         bar.write(f"step {state['step']}: loss {rec['loss']:.4f} | valid " + " ".join(
                             f"{k} {v:.4f}" for k, v in m.items()) + (" *" if better else ""))
+                    low = state.get("low", math.inf)  # checkpoints of older runs lack it
+                    if rec["loss"] > 2 * low and lead:  # a finite loss can still blow up (constant lr 1e-3 did)
+                        bar.write(f"warning: the training loss {rec['loss']:.4f} is over twice its lowest ({low:.4f}): the "
+                                  f"run has likely diverged; best.pt keeps its best validation (NDCG@10 {state['best']:.4f}). "
+                                  "Lower --lr or raise --warmup-steps and train again with --overwrite")
+                    state["low"] = min(low, rec["loss"])
                     sums, loss_n = {}, 0
                 if lead:
                     ck = checkpoint(run, step, state, sums, loss_n)

@@ -163,14 +163,14 @@ def test_no_training_sample_is_a_clear_error(tmp_path):
 # A failed step stops the run with what happened and which flags help
 
 
-def poison_loss_from(monkeypatch, first):
-    """The training loss turns NaN at step `first`."""
+def poison_loss_from(monkeypatch, first, factor=float("nan")):
+    """The training loss is multiplied by `factor` (NaN: turns NaN) from step `first` on."""
     real, calls = step.Step.__call__, []
 
     def poisoned(self, batch):
         loss, parts = real(self, batch)
         calls.append(1)
-        return (loss * float("nan") if len(calls) >= first else loss), parts
+        return (loss * factor if len(calls) >= first else loss), parts
     monkeypatch.setattr(step.Step, "__call__", poisoned)
 
 
@@ -182,6 +182,20 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
           r"lower --lr, raise --warmup-steps or train in fp32 \(--no-amp\), and --resume$")
     ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert ck["state"]["step"] == 4 and all(p.isfinite().all() for p in ck["model"].values())
+
+
+def test_a_loss_that_blows_up_but_stays_finite_warns_and_the_best_checkpoint_is_tested(tmp_path, monkeypatch, capsys):
+    poison_loss_from(monkeypatch, 7, factor=3.0)
+    out = tmp_path / "run"
+    main(TINY + ["--max-steps", "12", "--eval-every", "3", "--out", str(out)])
+    printed = capsys.readouterr().out
+    warnings = [line for line in printed.splitlines() if line.startswith("warning: the training loss")]
+    losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
+    assert losses[2] > 2 * min(losses[:2])  # steps 7-9 are the first validation with the blown-up loss
+    assert len(warnings) == sum(loss > 2 * min(losses[:i]) for i, loss in enumerate(losses) if i) >= 1
+    assert f"is over twice its lowest ({min(losses[:2]):.4f}): the run has likely diverged" in warnings[0]
+    assert "Lower --lr or raise --warmup-steps and train again with --overwrite" in warnings[0]
+    assert json.load(open(out / "results.json"))["steps"] == 12  # a warning: the run goes on and is tested
 
 
 def test_overwrite_drops_the_old_checkpoints_and_a_run_without_one_resumes_from_step_0(tmp_path, monkeypatch, capsys):
